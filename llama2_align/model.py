@@ -1,0 +1,379 @@
+"""The one Llama 2 model module every stage uses.
+
+It owns the named presets, the one factory that builds every role (policy, reference, reward, value), optional
+LoRA for any role, and loading from HF-format directories, Meta's original format and our own stage outputs. The
+transformer maths is transformers' Llama implementation (SDPA attention, KV cache, gradient checkpointing).
+
+Roles:
+- ``policy``: a causal LM (``LlamaForCausalLM``).
+- ``reference``: the frozen policy. For a LoRA policy the reference is the *same* weights with the adapters disabled
+  (see :class:`Reference`), so only one copy of the base sits in memory.
+- ``reward`` / ``value``: the same backbone with a scalar head (``LlamaForSequenceClassification``, one label),
+  initialised from a causal-LM checkpoint (the LM head is dropped, the score head is new) or from a reward model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import nn
+from transformers.utils import logging as hf_logging
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedModel
+
+from .device import resolve_device, resolve_dtype
+
+hf_logging.disable_progress_bar()  # per-shard bars from every load/save drown the stage's own progress
+
+Role = Literal["policy", "reference", "reward", "value"]
+ROLES: tuple[str, ...] = ("policy", "reference", "reward", "value")
+SCALAR_ROLES = ("reward", "value")
+
+# File written beside every model we save; it says what the directory holds.
+MODEL_META_FILE = "llama2_align_model.json"
+
+# Llama 2 architecture constants shared by every preset.
+LLAMA2_COMMON = dict(
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.02,
+)
+
+# name -> shape. vocab 32000 / context 4096 for the real family; the CPU presets keep the architecture (RMSNorm,
+# SwiGLU, RoPE, GQA) at a size two CPU cores can train. Their vocab is the tokenizer's (set at build time).
+PRESETS: dict[str, dict] = {
+    "llama2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                       intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096),
+    "llama2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096),
+    "small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=688, vocab_size=8192, max_position_embeddings=512),
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=344, vocab_size=2048, max_position_embeddings=256),
+    "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=172, vocab_size=1024, max_position_embeddings=256),
+}
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraSettings(BaseModel):
+    """LoRA for any role, configured once. Default targets: every linear projection of the Llama block."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+    def peft_config(self, role: str):
+        from peft import LoraConfig, TaskType
+
+        scalar = role in SCALAR_ROLES
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            task_type=TaskType.SEQ_CLS if scalar else TaskType.CAUSAL_LM,
+            modules_to_save=["score"] if scalar else None,
+        )
+
+
+def is_preset(name: str | Path) -> bool:
+    return isinstance(name, str) and name in PRESETS
+
+
+def llama_config(preset: str, vocab_size: int | None = None, **overrides) -> LlamaConfig:
+    """The transformers config of a preset (vocab overridable: the demo presets take the tokenizer's)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    shape = dict(PRESETS[preset])
+    if vocab_size is not None:
+        shape["vocab_size"] = vocab_size
+    return LlamaConfig(**{**LLAMA2_COMMON, **shape, **overrides})
+
+
+def describe_preset(preset: str) -> dict:
+    """Shapes, parameter count, attention kind and bf16 weight memory; built on the meta device (instant for 70B)."""
+    config = llama_config(preset)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    return {
+        "preset": preset,
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": config.hidden_size // heads,
+        "ffn_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "context_length": config.max_position_embeddings,
+        "attention": "MHA" if kv == heads else f"GQA ({kv} KV heads)",
+        "parameters": n_params,
+        "weights_bf16_bytes": n_params * 2,
+        "weights_bf16_gib": round(n_params * 2 / 2**30, 2),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading sources
+# --------------------------------------------------------------------------------------------------------------
+
+
+def source_kind(source: str | Path) -> str:
+    """What a model source is: ``preset``, ``hf`` (config.json), ``meta`` (params.json) or ``adapter``."""
+    if is_preset(str(source)) and not Path(source).exists():
+        return "preset"
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model source {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a directory"
+        )
+    if (path / "adapter_config.json").exists():
+        return "adapter"
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "params.json").exists():
+        return "meta"
+    raise FileNotFoundError(
+        f"{path}: not a model directory: expected config.json (HF format), params.json (Meta format) "
+        "or adapter_config.json (LoRA adapter)"
+    )
+
+
+def read_model_meta(path: str | Path) -> dict:
+    meta_file = Path(path) / MODEL_META_FILE
+    return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model a saved adapter applies to (our pointer first, then PEFT's own field)."""
+    meta = read_model_meta(path)
+    if meta.get("base"):
+        return meta["base"]
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise FileNotFoundError(f"{path}: adapter does not say which base model it applies to")
+    return base
+
+
+def _model_class(role: str):
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+    return LlamaForSequenceClassification if role in SCALAR_ROLES else LlamaForCausalLM
+
+
+def _prepare_config(config: LlamaConfig, role: str) -> LlamaConfig:
+    if role in SCALAR_ROLES:
+        config.num_labels = 1
+        if config.pad_token_id is None:
+            config.pad_token_id = 0  # the scalar head reads the last non-pad token
+    return config
+
+
+def _load_base(source: str | Path, role: str, dtype: torch.dtype, vocab_size: int | None, seed: int,
+               attn_implementation: str) -> PreTrainedModel:
+    cls = _model_class(role)
+    kind = source_kind(source)
+    if kind == "preset":
+        config = _prepare_config(llama_config(str(source), vocab_size=vocab_size), role)
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)
+        return cls(config).to(dtype)
+    if kind == "hf":
+        config = _prepare_config(LlamaConfig.from_pretrained(source), role)
+        # A scalar head initialised from a causal LM has a new `score` and no `lm_head`; that is the point.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return cls.from_pretrained(source, config=config, dtype=dtype, attn_implementation=attn_implementation)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    if kind == "meta":
+        from .meta_format import load_meta_checkpoint
+
+        config, state_dict = load_meta_checkpoint(source)
+        config = _prepare_config(config, role)
+        config._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            model = cls(config)
+        if role in SCALAR_ROLES:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("lm_head.")}
+            torch.manual_seed(seed)
+            score = nn.Linear(config.hidden_size, 1, bias=False)
+            nn.init.normal_(score.weight, std=config.initializer_range)
+            state_dict["score.weight"] = score.weight.detach()
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.to(dtype)
+    raise AssertionError(kind)
+
+
+def build_model(
+    source: str | Path,
+    role: Role = "policy",
+    *,
+    lora: LoraSettings | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+    vocab_size: int | None = None,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """The one factory for every role.
+
+    ``source`` is a preset name (random init, for the demo), an HF-format directory, a Meta-format directory, or a
+    saved LoRA adapter (its base is loaded first). ``lora`` wraps the model in new LoRA adapters (ignored for the
+    reference role: a reference is always frozen). A saved adapter loaded for a trainable role stays trainable.
+    """
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    trainable = role != "reference"
+
+    if source_kind(source) == "adapter":
+        from peft import PeftModel
+
+        base = _load_base(adapter_base(source), role, torch_dtype, vocab_size, seed, attn_implementation)
+        model = PeftModel.from_pretrained(base, str(source), is_trainable=trainable)
+    else:
+        model = _load_base(source, role, torch_dtype, vocab_size, seed, attn_implementation)
+        if lora is not None and lora.enabled and trainable:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora.peft_config(role))
+
+    if gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.to(device)
+    if not trainable:
+        freeze(model)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def is_peft(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+class Reference:
+    """The frozen reference policy.
+
+    With a LoRA policy it is the policy itself with the adapters disabled: no second copy of the base. Otherwise it
+    holds a separate frozen model. Call it like a model; it never builds a graph.
+    """
+
+    def __init__(self, policy: nn.Module, frozen: nn.Module | None = None):
+        if frozen is None and not is_peft(policy):
+            raise ValueError("a full (non-LoRA) policy needs a separate frozen reference model")
+        self.policy = policy
+        self.frozen = frozen
+
+    @property
+    def shares_weights(self) -> bool:
+        return self.frozen is None
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[nn.Module]:
+        with torch.no_grad():
+            if self.frozen is not None:
+                yield self.frozen
+            else:
+                with self.policy.disable_adapter():
+                    yield self.policy
+
+    def __call__(self, **inputs):
+        with self.model() as m:
+            return m(**inputs)
+
+
+def build_reference(policy: nn.Module, source: str | Path, **build_kwargs) -> Reference:
+    """The reference for ``policy``: shared weights when it has LoRA adapters, else a frozen copy of ``source``."""
+    if is_peft(policy):
+        return Reference(policy)
+    return Reference(policy, build_model(source, "reference", **build_kwargs))
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving: the one checkpoint writer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None, *, role: str | None = None,
+               base: str | Path | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a model directory atomically (temporary directory, then rename) in HF safetensors format.
+
+    A LoRA model is written as its adapter plus a pointer to its base (``base``, which must itself be a saved
+    directory; a preset-initialised base is saved by the caller first). Anything already at ``out_dir`` is replaced
+    only once the new directory is complete.
+    """
+    from .io import atomic_dir
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        meta = {"role": role, "adapter": is_peft(model)}
+        if is_peft(model):
+            if base is None:
+                raise ValueError("saving a LoRA adapter needs the path of its base model")
+            meta["base"] = str(Path(base).resolve()) if Path(base).exists() else str(base)
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            from .tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
+        (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return out_dir
+
+
+def merge_lora(model: nn.Module) -> PreTrainedModel:
+    """Fold LoRA adapters into the base weights (for export); a model without adapters is returned as it is."""
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+def export_merged(adapter_dir: str | Path, out_dir: str | Path, role: Role = "policy", tokenizer=None) -> Path:
+    """Merge a saved adapter into its base and write a plain HF directory."""
+    model = build_model(adapter_dir, role, device="cpu", dtype="fp32")
+    return save_model(merge_lora(model), out_dir, tokenizer, role=role)
