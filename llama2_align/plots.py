@@ -1,0 +1,37 @@
+"""Training-curve plots as PNG files (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def plot_curves(rows: Sequence[dict], keys: Sequence[str], out_png: str | Path, title: str = "",
+                x: str = "step") -> Path | None:
+    """One panel per key present in ``rows`` (metrics.jsonl lines); returns None when there is nothing to plot."""
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write_bytes
+
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        pts = [(r[x], r[key]) for r in rows if key in r and x in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
+        ax.set_title(key)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return atomic_write_bytes(out_png, buf.getvalue())

@@ -1,0 +1,194 @@
+"""What the TRL-trained stages (SFT, reward models) share: one config base, atomic checkpoints, metrics, resume.
+
+TRL's trainers are transformers ``Trainer`` subclasses: they already save optimizer, scheduler, RNG and data
+position in ``checkpoint-<step>`` and skip the batches already seen on resume. Two things are added here:
+checkpoints are written into a staging directory and renamed into place when complete (a kill mid-save never leaves
+a half checkpoint that resume would pick), and metrics go to ``metrics.jsonl`` with a progress hook.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+from transformers import TrainerCallback
+
+from ..io import append_jsonl
+from ..model import LoraSettings
+from .common import METRICS_FILE, ProgressFn, is_main_process, latest_checkpoint, truncate_metrics
+
+STAGING_DIR = ".staging"
+
+
+class TrainStageConfig(BaseModel):
+    """Optimisation settings shared by the supervised stages. ``batch_size`` is the effective (global) batch:
+    gradient accumulation is derived from it, so halving ``micro_batch_size`` (OOM back-off) keeps it fixed."""
+
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "cosine_with_min_lr"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # for cosine_with_min_lr
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    min_warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(2.0, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: run all epochs)")
+    batch_size: int = Field(64, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    max_length: int = Field(4096, ge=8)
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(100, ge=1)
+    save_steps: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    dtype: str = "auto"
+    seed: int = 0
+    num_processes: int = Field(1, ge=1, description="processes (GPUs) to run the stage on, via torchrun")
+    fsdp: bool = Field(False, description="shard the model with FSDP instead of DDP when num_processes > 1")
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _check_batch(self):
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+    def gradient_accumulation(self, world_size: int = 1) -> int:
+        per_step = self.micro_batch_size * world_size
+        return max(1, self.batch_size // per_step)
+
+    def planned_steps(self, n_examples: int, world_size: int = 1) -> int:
+        if self.max_steps > 0:
+            return self.max_steps
+        per_step = self.micro_batch_size * world_size * self.gradient_accumulation(world_size)
+        return max(1, math.ceil(n_examples / per_step)) * math.ceil(self.epochs)
+
+    def warmup_steps(self, total_steps: int) -> int:
+        return max(self.min_warmup_steps, math.ceil(self.warmup_ratio * total_steps))
+
+
+def halve_micro_batch(config: TrainStageConfig) -> TrainStageConfig:
+    """The OOM back-off: half the micro-batch, twice the accumulation, same effective batch.
+
+    Raises when the micro-batch is already 1 (nothing left to halve)."""
+    if config.micro_batch_size <= 1:
+        raise ValueError("out of memory at micro_batch_size 1: nothing left to halve")
+    return config.model_copy(update={"micro_batch_size": config.micro_batch_size // 2})
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has_eval: bool) -> dict:
+    """Keyword arguments shared by TRL's SFTConfig and RewardConfig."""
+    from ..device import resolve_device, resolve_dtype
+
+    device = resolve_device("auto")
+    dtype = resolve_dtype(config.dtype, device)
+    ws = world_size()
+    total = config.planned_steps(n_train, ws)
+    kwargs = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=config.micro_batch_size,
+        per_device_eval_batch_size=config.micro_batch_size * 2,
+        gradient_accumulation_steps=config.gradient_accumulation(ws),
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps(total),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.keep_checkpoints,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        disable_tqdm=not (config.progress_bar and is_main_process()),
+        dataloader_num_workers=0,
+        gradient_checkpointing=config.gradient_checkpointing,
+        remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+        max_length=config.max_length,
+        save_only_model=False,
+    )
+    if config.lr_scheduler == "cosine_with_min_lr":
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": config.min_lr_ratio}
+    if config.fsdp and ws > 1:
+        kwargs["fsdp"] = "full_shard auto_wrap"
+        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    return kwargs
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: write ``checkpoint-<step>`` into a staging directory and rename it into place whole."""
+
+    def _save_checkpoint(self, model, trial):  # noqa: D401 - transformers hook
+        run_dir = Path(self.args.output_dir)
+        staging = run_dir / STAGING_DIR
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging / name, ignore_errors=True)
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(run_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = run_dir / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            from .common import prune_checkpoints
+
+            prune_checkpoints(run_dir, self.args.save_total_limit or 0)
+        self.accelerator.wait_for_everyone()
+
+
+class MetricsCallback(TrainerCallback):
+    """Append every log line to metrics.jsonl (rank 0) and report progress."""
+
+    def __init__(self, out_dir: Path, stage: str, progress: ProgressFn | None = None):
+        self.path = Path(out_dir) / METRICS_FILE
+        self.stage = stage
+        self.progress = progress
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        record.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
+        append_jsonl(self.path, record)
+        if self.progress:
+            self.progress({"stage": self.stage, "step": state.global_step, "total": state.max_steps,
+                           "metrics": record})
+
+
+def resume_checkpoint(out_dir: Path) -> str | None:
+    """The newest complete checkpoint to resume from (metrics past it are dropped so no step is logged twice)."""
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        if is_main_process():
+            (Path(out_dir) / METRICS_FILE).unlink(missing_ok=True)
+        return None
+    truncate_metrics(out_dir, int(ckpt.name.split("-")[1]))
+    return str(ckpt)
+
+
+def trainer_class(base):
+    """``base`` (a TRL trainer class) with atomic checkpoints."""
+    return type(f"Atomic{base.__name__}", (AtomicCheckpoints, base), {})
