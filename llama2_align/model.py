@@ -131,6 +131,33 @@ def describe_preset(preset: str) -> dict:
     }
 
 
+def _human(n: float, units: tuple[str, ...] = ("", "K", "M", "B", "T")) -> str:
+    for unit in units:
+        if abs(n) < 1000 or unit == units[-1]:
+            return f"{n:.2f} {unit}".rstrip() if unit else f"{n:g}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def format_preset_table(info: dict) -> str:
+    """A :func:`describe_preset` result as aligned text (the body of the CLI's preset description)."""
+    rows = [
+        ("preset", info["preset"]),
+        ("hidden size", f"{info['hidden_size']:,}"),
+        ("layers", f"{info['num_layers']:,}"),
+        ("heads", f"{info['num_heads']:,} (head dim {info['head_dim']})"),
+        ("kv heads", f"{info['num_kv_heads']:,}"),
+        ("attention", info["attention"]),
+        ("ffn size", f"{info['ffn_size']:,}"),
+        ("vocab", f"{info['vocab_size']:,}"),
+        ("context", f"{info['context_length']:,}"),
+        ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})"),
+        ("weights bf16", f"{info['weights_bf16_gib']:,} GiB"),
+    ]
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loading sources
 # --------------------------------------------------------------------------------------------------------------
@@ -221,8 +248,23 @@ def _load_base(source: str | Path, role: str, dtype: torch.dtype, vocab_size: in
             nn.init.normal_(score.weight, std=config.initializer_range)
             state_dict["score.weight"] = score.weight.detach()
         model.load_state_dict(state_dict, strict=True, assign=True)
+        _materialise_buffers(model, config)
         return model.to(dtype)
     raise AssertionError(kind)
+
+
+def _materialise_buffers(model: nn.Module, config: LlamaConfig) -> None:
+    """A model built on the meta device gets its weights from the state dict, but its non-persistent buffers (the
+    RoPE inverse frequencies) are in no state dict: compute them again on the CPU."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LlamaRotaryEmbedding):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, LlamaRotaryEmbedding(config=config))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")
 
 
 def build_model(

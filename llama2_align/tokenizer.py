@@ -71,7 +71,11 @@ def load_tokenizer(path: str | Path):
     if path.is_file() and path.suffix == ".model":
         with tempfile.TemporaryDirectory() as work:
             shutil.copy(path, Path(work) / SPM_FILE)
-            return load_tokenizer(work)
+            tok = load_tokenizer(work)
+        # Remember the file itself, not the copy that is gone now, so save_tokenizer still writes tokenizer.model.
+        tok.init_kwargs["llama2_align_spm"] = str(path.resolve())
+        tok._llama2_align_spm = str(path.resolve())
+        return tok
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer not found: {path} (expected a directory or a tokenizer.model file)")
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
@@ -106,6 +110,11 @@ def _sentencepiece_prefix_per_segment(tok) -> None:
     pre = getattr(backend, "pre_tokenizer", None)
     if isinstance(pre, pre_tokenizers.Metaspace) and pre.prepend_scheme != "always":
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    if isinstance(getattr(backend, "pre_tokenizer", None), pre_tokenizers.Metaspace):
+        # Saved as `legacy: true` in tokenizer_config.json: LlamaTokenizer rebuilds its pre-tokenizer from that flag
+        # on load, so without it a plain AutoTokenizer.from_pretrained of our directory would be back to "first".
+        tok.legacy = True
+        tok.init_kwargs["legacy"] = True
 
 
 def save_tokenizer(tok, out_dir: str | Path) -> Path:
