@@ -1,0 +1,274 @@
+"""The ``llama2-align`` command line (also ``python -m llama2_align`` and ``python -m llama2_align.cli``).
+
+Every command is one function that parses its options, calls the library and prints; no logic lives here.
+Heavy modules (torch, transformers) are imported inside the commands that need them, so ``--help`` and the data
+commands start instantly.
+
+Expected user errors (a missing file, a bad record, an unknown preset) print one clear message on stderr and exit
+with a documented code; a traceback means a bug.
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal, NoReturn, Optional
+
+import typer
+
+from . import data as data_lib  # light: pydantic only, no torch
+
+# Exit codes, shown in --help. Click's own usage errors (unknown option, invalid choice) also exit 2.
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; "
+    "1 an input was missing or refused (bad data records, not a Meta checkpoint, ...); "
+    "2 usage error (unknown option, preset, kind or format)."
+)
+
+# Panels that group the commands in `llama2-align --help`.
+MODEL_PANEL = "Model"
+DATA_PANEL = "Data"
+PIPELINE_PANEL = "Pipeline"
+
+KindName = Literal[data_lib.KINDS]  # sft, preference, prompts, eval
+FormatName = Literal[data_lib.FORMATS]  # auto, native, hh-rlhf, pku-saferlhf
+ConvertDtype = Literal["fp32", "bf16", "fp16"]
+
+app = typer.Typer(
+    name="llama2-align",
+    help="Align Llama 2 the way Meta aligned Llama 2-Chat: SFT, helpfulness and safety reward models, PPO, "
+         "evaluation.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # a bug's traceback must not dump tensors or configs
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(
+    help="Validate data sets and write the demo world's data sets.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(data_app, name="data", rich_help_panel=DATA_PANEL)
+
+
+def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code`` (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "-"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# model-info
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.2f} {unit}".rstrip() if unit else f"{n:g}"
+        n /= 1000
+    return f"{n:.2f} T"
+
+
+def _memory(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def _format_preset_table(info: dict) -> str:
+    """The library's table when model.py has one; this fallback otherwise (same rows)."""
+    from . import model
+
+    if hasattr(model, "format_preset_table"):
+        return model.format_preset_table(info)
+    rows = [
+        ("preset", info["preset"]),
+        ("hidden size", f"{info['hidden_size']:,}"),
+        ("layers", f"{info['num_layers']:,}"),
+        ("heads", f"{info['num_heads']:,} (head dim {info['head_dim']})"),
+        ("kv heads", f"{info['num_kv_heads']:,}"),
+        ("attention", info["attention"]),
+        ("ffn size", f"{info['ffn_size']:,}"),
+        ("vocab", f"{info['vocab_size']:,}"),
+        ("context", f"{info['context_length']:,}"),
+        ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})"),
+        ("weights bf16", f"{info['weights_bf16_gib']:,} GiB"),
+    ]
+    width = max(len(k) for k, _ in rows) + 2
+    return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
+
+
+@app.command("model-info", rich_help_panel=MODEL_PANEL, epilog=EXIT_CODES_HELP)
+def model_info(
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", "-p", help="A model preset: llama2-7b, llama2-13b, llama2-70b, small, tiny, micro. "
+                               "Without it: one line per preset.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
+) -> None:
+    """Describe a model preset: shapes, parameter count, attention (MHA/GQA), bf16 weight memory."""
+    from .model import PRESETS, describe_preset  # imports torch + transformers: only here
+
+    if preset is None:
+        infos = [describe_preset(name) for name in PRESETS]
+        if as_json:
+            typer.echo(json.dumps(infos, indent=2))
+            return
+        for info in infos:
+            typer.echo(f"{info['preset']:<12}{info['parameters']:>16,}  {_human(info['parameters']):>9}  "
+                       f"{info['attention']:<17}{_memory(info['weights_bf16_bytes']):>11} bf16")
+        return
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; available presets: {', '.join(PRESETS)}", EXIT_USAGE)
+    info = describe_preset(preset)
+    typer.echo(json.dumps(info, indent=2) if as_json else _format_preset_table(info))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data validate / data demo
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _bad_records_report(err: "data_lib.DataValidationError", path: Path) -> str:
+    issues = err.issues
+    records = {(i.path, i.line) for i in issues if i.line is not None}
+    whole_file = any(i.line is None for i in issues)
+    parts = ([_plural(len(records), "bad record")] if records else []) + (["the whole file"] if whole_file else [])
+    return f"{path}: {_plural(len(issues), 'problem')} in {' and '.join(parts)}; nothing was loaded"
+
+
+@data_app.command("validate", epilog=EXIT_CODES_HELP)
+def data_validate(
+    path: Annotated[Path, typer.Argument(help="A .jsonl/.ndjson, .json (a list) or .parquet file.",
+                                         metavar="PATH", show_default=False)],
+    kind: Annotated[KindName, typer.Option("--kind", "-k", help="What the file holds.", show_default=False)],
+    format: Annotated[FormatName, typer.Option(
+        "--format", "-f", help="native, a public data set's own format (preference only), or auto-detect.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Validate a data set against its contract (data_specs/README.md) and summarise it.
+
+    Every bad record is printed on stderr as FILE:LINE: FIELD: expected ..., followed by a count line.
+    """
+    if not path.exists():
+        fail(f"{path}: no such file")
+    if path.is_dir():
+        fail(f"{path}: is a directory; give a .jsonl, .json or .parquet file")
+    try:
+        records = data_lib.read_records(path, kind, format=format)
+    except data_lib.DataValidationError as err:
+        for issue in err.issues:  # all of them: the exception's message stops at 50
+            typer.echo(str(issue), err=True)
+        typer.echo(_bad_records_report(err, path), err=True)
+        raise typer.Exit(EXIT_REFUSED)
+    except ValueError as err:  # unsupported file type, an adapter format for a kind it does not hold
+        fail(str(err), EXIT_USAGE)
+    except OSError as err:
+        fail(f"{path}: {err.strerror or err}")
+
+    summary = data_lib.summarize(records, kind)
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), "format": format, **summary}, indent=2))
+        return
+    typer.echo(f"{path}: OK, {_plural(summary['records'], 'record')} of kind {kind}")
+    typer.echo(f"  by category:       {_counts(summary['by_category'])}")
+    if "by_rating" in summary:
+        typer.echo(f"  by rating:         {_counts(summary['by_rating'])}")
+    if "by_harm_category" in summary:
+        typer.echo(f"  by harm category:  {_counts(summary['by_harm_category'])}")
+
+
+@data_app.command("demo", epilog=EXIT_CODES_HELP)
+def data_demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the four JSONL files into.",
+                                      show_default=False)],
+    seed: Annotated[int, typer.Option("--seed", help="World seed: the same seed writes byte-identical files.")] = 0,
+    micro: Annotated[bool, typer.Option("--micro", help="Tiny sizes (for tests and quick looks).")] = False,
+) -> None:
+    """Write the built-in demo world's data sets: sft, preference, prompts (PPO) and eval (held out)."""
+    from .demo_world import DemoSizes, write_demo_datasets
+
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a directory")
+    sizes = DemoSizes.micro() if micro else DemoSizes()
+    try:
+        paths = write_demo_datasets(out, seed=seed, sizes=sizes)
+    except OSError as err:
+        fail(f"cannot write to {out}: {err.strerror or err}")
+    typer.echo(f"demo world (seed {seed}{', micro sizes' if micro else ''}) written to {out}:")
+    width = max(len(k) for k in paths)
+    for kind, file in paths.items():
+        with open(file, encoding="utf-8") as fh:
+            n = sum(1 for line in fh if line.strip())
+        typer.echo(f"  {kind:<{width}}  {_plural(n, 'record'):>14}  {file}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------------------------
+
+
+@app.command("convert", rich_help_panel=MODEL_PANEL, epilog=EXIT_CODES_HELP)
+def convert(
+    meta_dir: Annotated[Path, typer.Argument(
+        help="Meta-format checkpoint: params.json, consolidated.NN.pth shards, tokenizer.model.",
+        metavar="META_DIR", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="HF-format directory to write.", metavar="OUT_DIR",
+                                             show_default=False)],
+    dtype: Annotated[ConvertDtype, typer.Option("--dtype", help="Weight dtype of the HF directory.")] = "fp32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it is not empty.")] = False,
+) -> None:
+    """Convert a Meta-format Llama 2 checkpoint into an HF directory that plain transformers loads."""
+    if not meta_dir.is_dir():
+        fail(f"{meta_dir}: no such directory (expected a Meta-format checkpoint)")
+    if not (meta_dir / "params.json").is_file():
+        fail(f"{meta_dir}: not a Meta-format checkpoint: no params.json "
+             "(expected params.json, consolidated.NN.pth shards and tokenizer.model)")
+    if out_dir.resolve() == meta_dir.resolve() or meta_dir.resolve().is_relative_to(out_dir.resolve()):
+        fail(f"{out_dir}: would replace the checkpoint being converted; choose another OUT_DIR", EXIT_USAGE)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        fail(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+
+    from . import meta_format  # imports torch: only here
+
+    try:
+        if hasattr(meta_format, "convert_command"):
+            typer.echo(meta_format.convert_command(meta_dir, out_dir, dtype=dtype))
+        else:
+            written = meta_format.convert_meta_to_hf(meta_dir, out_dir, dtype=dtype)
+            typer.echo(f"converted {meta_dir} -> {written}")
+    except (ValueError, OSError) as err:  # MetaCheckpointError is a ValueError
+        fail(f"cannot convert {meta_dir}: {err}")
+    except RuntimeError as err:  # weights that do not match params.json (load_state_dict)
+        fail(f"cannot convert {meta_dir}: the weights do not match params.json: {err}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pipeline commands: `run`, `eval`, `chat` (added by their own issues; not implemented here).
+#
+# Each is one function in the PIPELINE_PANEL that imports its heavy modules inside the body and reports expected
+# failures through `fail(...)`, e.g.
+#
+#     @app.command("run", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+#     def run(preset: Annotated[str, typer.Option("--preset")] = "demo-tiny") -> None:
+#         """Run the whole pipeline (SFT -> reward models -> PPO -> eval)."""
+#         from flows.pipeline import ...
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
