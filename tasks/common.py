@@ -1,0 +1,238 @@
+"""What every stage task shares: retry policy, OOM back-off, the cache key, progress reporting, the task body.
+
+A stage task is thin: it calls the library's ``run_<stage>(config, inputs, out_dir, progress)`` through
+:func:`run_stage`, which adds the orchestration concerns and nothing else.
+
+Caching. The key is the stage name, the stage directory, the config and the content hashes of the inputs (a finished
+upstream stage is hashed by its result.json, so the chain of keys is a Merkle chain). A cached task returned paths,
+and Prefect would trust them blindly, so the key also holds the stage directory's *cache token*: a random id kept
+in ``<out_dir>/.prefect-cache-token``. The token is renewed whenever the key is computed and ``result.json`` is
+missing (first run, a crashed run, a deleted directory): the key is then new, nothing cached can match it, and the
+stage runs. Once the stage has finished, the token stays, the key is stable and later flow runs are served from the
+cache (state "Cached"). Prefect 3.9 decides ``refresh_cache`` before it computes the key, per task object, so the
+token (computed inside ``cache_key_fn``) is the way to make the check per call, also for ``.submit()`` and
+``with_options()`` copies.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from pydantic import BaseModel, ValidationError
+
+from llama2_align.data import DataValidationError
+from llama2_align.stages.common import RESULT_FILE, StageResult, input_fingerprints
+from llama2_align.stages.training import TrainStageConfig, halve_micro_batch
+
+from .artifacts import artifact_key, publish_stage_artifacts
+
+C = TypeVar("C", bound=TrainStageConfig)
+
+CACHE_TOKEN_FILE = ".prefect-cache-token"
+RETRIES = 2
+RETRY_DELAY_S = [30, 120]
+
+# Errors that say the request is wrong: retrying cannot help, and the message must reach the UI as it is.
+VALIDATION_ERRORS: tuple[type[BaseException], ...] = (DataValidationError, ValidationError, ValueError,
+                                                     FileNotFoundError)
+# OSErrors that are about the request, not a hiccup.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# RuntimeError messages of a lost or failing device (driver resets, Xid errors, NCCL timeouts).
+_LOST_DEVICE_MARKERS = ("CUDA error", "CUDA driver", "NCCL", "device-side", "ECC error", "unspecified launch failure",
+                        "no CUDA-capable device")
+
+
+class OutOfMemoryAtMicroBatchOne(RuntimeError):
+    """Out of memory with nothing left to halve. Not transient: retrying would fail the same way."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Error classification
+# --------------------------------------------------------------------------------------------------------------------
+
+def is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(__import__("torch"), "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+
+
+def is_validation_error(exc: BaseException) -> bool:
+    return isinstance(exc, VALIDATION_ERRORS)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Worth retrying: CUDA OOM, a lost device, I/O hiccups. Never a validation error."""
+    if exc is None or isinstance(exc, OutOfMemoryAtMicroBatchOne) or is_validation_error(exc):
+        return False
+    if is_oom(exc):
+        return True
+    if isinstance(exc, _PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):  # TimeoutError/ConnectionError are OSErrors too
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _LOST_DEVICE_MARKERS)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry only the failures :func:`is_transient` accepts."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # the result could not be read back: judge by that error
+        exc = e
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# OOM back-off
+# --------------------------------------------------------------------------------------------------------------------
+
+def _free_device_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_with_oom_backoff(fn: Callable[[C], Any], config: C, warn: Callable[[str], None] = print,
+                         stage: str = "stage") -> tuple[Any, C]:
+    """Call ``fn(config)``; on out-of-memory halve the micro-batch (doubling accumulation: same effective batch) and
+    call again, down to micro-batch 1. Returns ``(result, the config that worked)``."""
+    while True:
+        try:
+            return fn(config), config
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            if config.micro_batch_size <= 1:
+                raise OutOfMemoryAtMicroBatchOne(
+                    f"{stage}: out of memory at micro_batch_size 1 (batch_size {config.batch_size}); nothing left to "
+                    "halve. Use LoRA, gradient checkpointing, a shorter max_length or more GPUs.") from exc
+            smaller = halve_micro_batch(config)
+            warn(f"{stage}: out of memory at micro_batch_size {config.micro_batch_size}; retrying with "
+                 f"micro_batch_size {smaller.micro_batch_size} and gradient accumulation "
+                 f"{smaller.gradient_accumulation()} (effective batch {smaller.batch_size}): {str(exc)[:200]}")
+            del exc
+            _free_device_memory()
+            config = smaller
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache key
+# --------------------------------------------------------------------------------------------------------------------
+
+def cache_token(out_dir: str | Path) -> str:
+    """The stage directory's cache token; renewed (and written) when result.json is missing. See the module doc."""
+    out_dir = Path(out_dir)
+    token_file = out_dir / CACHE_TOKEN_FILE
+    if (out_dir / RESULT_FILE).exists() and token_file.exists():
+        return token_file.read_text().strip()
+    token = uuid.uuid4().hex
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = token_file.with_name(f"{CACHE_TOKEN_FILE}.{token}.tmp")
+    tmp.write_text(token + "\n")
+    tmp.replace(token_file)
+    return token
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def stage_cache_key(stage: str, config: Any, inputs: Any, out_dir: str | Path) -> str:
+    """Hash of stage + stage directory + config + input content hashes + the directory's cache token."""
+    payload = {
+        "stage": stage,
+        "out_dir": str(Path(out_dir).resolve()),
+        "config": _dump(config),
+        "inputs": input_fingerprints(_dump(inputs)),
+        "token": cache_token(out_dir),
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return f"{stage}-{hashlib.sha256(blob).hexdigest()}"
+
+
+def stage_name_of(config: Any, task_name: str) -> str:
+    kind = getattr(config, "kind", None)
+    return f"{task_name}-{kind}" if kind and task_name == "reward" else task_name
+
+
+def stage_cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn`` for tasks with ``(config, inputs, out_dir)`` parameters."""
+    config = parameters["config"]
+    return stage_cache_key(stage_name_of(config, context.task.name), config, parameters["inputs"],
+                           parameters["out_dir"])
+
+
+# The options every stage task shares (spread into ``@task(...)``).
+STAGE_TASK_OPTIONS: dict[str, Any] = dict(
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=retry_transient,
+    cache_key_fn=stage_cache_key_fn,
+    persist_result=True,
+)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Progress and the task body
+# --------------------------------------------------------------------------------------------------------------------
+
+class PrefectProgress:
+    """The library's ``progress`` callback: a log line per logged step and a progress artifact."""
+
+    def __init__(self, stage: str, logger=None):
+        self.stage = stage
+        self.logger = logger or get_run_logger()
+        self.artifact_id = create_progress_artifact(0.0, key=artifact_key(stage, "progress"),
+                                                    description=f"{stage}: training progress")
+
+    def __call__(self, event: dict) -> None:
+        step, total = int(event.get("step", 0)), int(event.get("total") or 0)
+        metrics = {k: v for k, v in (event.get("metrics") or {}).items() if k not in ("step",)}
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        self.logger.info(f"{self.stage} step {step}/{total or '?'} {shown}")
+        if total > 0:
+            self.update(100.0 * min(step, total) / total, f"{self.stage}: step {step} of {total}")
+
+    def update(self, percent: float, description: str | None = None) -> None:
+        try:
+            update_progress_artifact(self.artifact_id, percent, description=description)
+        except Exception as exc:  # progress is a convenience: never fail a training run over it
+            self.logger.debug(f"progress artifact update failed: {exc!r}")
+
+
+def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs: BaseModel, out_dir: str | Path
+              ) -> dict:
+    """The body of every stage task: run the library stage with OOM back-off and progress, publish artifacts,
+    return the StageResult as a dict. Validation errors are logged and re-raised (their message is the state's)."""
+    logger = get_run_logger()
+    progress = PrefectProgress(stage, logger)
+    logger.info(f"{stage}: inputs {inputs.model_dump()} -> {out_dir}")
+    try:
+        result, used = run_with_oom_backoff(lambda cfg: run_fn(cfg, inputs, out_dir, progress=progress), config,
+                                            warn=logger.warning, stage=stage)
+    except Exception as exc:
+        if is_validation_error(exc):
+            logger.error(f"{stage}: refused its inputs (not retried): {exc}")
+        elif is_transient(exc):
+            logger.warning(f"{stage}: transient failure, Prefect may retry (resuming from the last checkpoint): "
+                           f"{exc!r}")
+        else:
+            logger.error(f"{stage}: failed: {exc!r}")
+        raise
+    if used.micro_batch_size != config.micro_batch_size:
+        logger.warning(f"{stage}: finished with micro_batch_size {used.micro_batch_size} after OOM back-off")
+    progress.update(100.0, f"{stage}: done ({result.steps} steps)")
+    publish_stage_artifacts(result)
+    logger.info(f"{stage}: done in {result.duration_s:.1f}s, output {result.final or result.out_dir}")
+    return result.model_dump(mode="json")

@@ -1,0 +1,32 @@
+"""The built-in demo world as a Prefect task: the datasets (JSONL) and a tokenizer trained on the world's text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import get_run_logger, task
+
+from llama2_align.demo_world import DemoSizes, generate_demo_world, write_demo_datasets
+from llama2_align.tokenizer import train_tokenizer
+
+from .common import RETRIES, retry_transient
+
+
+def demo_sizes(sizes: str) -> DemoSizes:
+    return DemoSizes.micro() if sizes == "micro" else DemoSizes()
+
+
+@task(name="demo-data", task_run_name="demo-data", retries=RETRIES, retry_condition_fn=retry_transient)
+def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro"] = "default",
+                   vocab_size: int = 2048) -> dict[str, str]:
+    """Write the demo datasets and tokenizer under ``out_dir``; returns ``{"sft", "preference", "prompts", "eval",
+    "tokenizer"}`` paths. Deterministic for a seed; the tokenizer is kept when it already exists."""
+    logger = get_run_logger()
+    paths = {k: str(v) for k, v in write_demo_datasets(Path(out_dir) / "data", seed, demo_sizes(sizes)).items()}
+    tok_dir = Path(out_dir) / "tokenizer"
+    if not tok_dir.exists():
+        train_tokenizer(generate_demo_world(seed, demo_sizes(sizes)).corpus_texts(), tok_dir, vocab_size, seed=seed)
+    paths["tokenizer"] = str(tok_dir)
+    logger.info(f"demo world (seed {seed}, {sizes} sizes): {paths}")
+    return paths
