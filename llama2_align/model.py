@@ -60,7 +60,7 @@ PRESETS: dict[str, dict] = {
     "llama2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                        intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096),
     "small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                  intermediate_size=688, vocab_size=8192, max_position_embeddings=512),
+                  intermediate_size=704, vocab_size=8192, max_position_embeddings=512),
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=344, vocab_size=2048, max_position_embeddings=256),
     "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
