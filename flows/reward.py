@@ -9,12 +9,13 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.futures import wait
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from llama2_align.stages.reward import RewardConfig, RewardInputs, reward_config_for
 from tasks.reward import reward_task
 
 
-@flow(name="reward", log_prints=True)
+@flow(name="reward", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=2))
 def reward(sft_model: str, data: str, run_dir: str = "runs/demo",
            helpfulness: RewardConfig = reward_config_for("tiny", "helpfulness"),
            safety: RewardConfig = reward_config_for("tiny", "safety")) -> dict[str, dict]:
