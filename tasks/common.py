@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import torch
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
@@ -59,8 +60,7 @@ class OutOfMemoryAtMicroBatchOne(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------------
 
 def is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(__import__("torch"), "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
+    if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
 
@@ -97,8 +97,6 @@ def retry_transient(task, task_run, state) -> bool:
 
 def _free_device_memory() -> None:
     gc.collect()
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from prefect.states import Failed
 
 from llama2_align.data import DataIssue, DataValidationError
+from llama2_align.stages.reward import reward_config_for
 from llama2_align.stages.sft import SFTConfig, SFTInputs
 from tasks.artifacts import accuracy_rows, artifact_key, metrics_rows, png_data_uri
 from tasks.common import (CACHE_TOKEN_FILE, OutOfMemoryAtMicroBatchOne, is_transient, retry_transient,
@@ -195,3 +196,17 @@ def test_metrics_rows_flatten_one_level_and_png_uri(tmp_path):
     png.write_bytes(b"\x89PNG\r\n")
     assert png_data_uri(png).startswith("data:image/png;base64,iVBORw0K")
     json.dumps(rows)
+
+
+# --- the task objects ------------------------------------------------------------------------------------------------
+
+def test_stage_tasks_share_retry_and_cache_options():
+    from tasks.common import stage_cache_key_fn
+    from tasks.reward import reward_task
+    from tasks.sft import sft_task
+
+    for t in (sft_task, reward_task):
+        assert t.retries == 2 and t.retry_condition_fn is retry_transient
+        assert t.cache_key_fn is stage_cache_key_fn and t.persist_result is True
+    assert sft_task.task_run_name == "sft"
+    assert reward_task.task_run_name.format(config=reward_config_for("micro", "safety")) == "reward-safety"
