@@ -254,16 +254,165 @@ def convert(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pipeline commands: `run`, `eval`, `chat` (added by their own issues; not implemented here).
-#
-# Each is one function in the PIPELINE_PANEL that imports its heavy modules inside the body and reports expected
-# failures through `fail(...)`, e.g.
-#
-#     @app.command("run", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
-#     def run(preset: Annotated[str, typer.Option("--preset")] = "demo-tiny") -> None:
-#         """Run the whole pipeline (SFT -> reward models -> PPO -> eval)."""
-#         from flows.pipeline import ...
+# Pipeline commands: run, eval, chat
 # --------------------------------------------------------------------------------------------------------------
+
+
+@app.command("run", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+def run(
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="Pipeline preset: demo-tiny (default), demo-micro, llama2-7b-lora, llama2-7b, "
+                         "llama2-13b-lora, llama2-70b-lora.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="JSON or YAML file with pipeline fields (preset, run_name, base_model, data, overrides).")
+    ] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a field, e.g. --set ppo.iterations=50 (repeatable; values parsed as JSON).")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run directory name (default: demo).")] = None,
+    runs_root: Annotated[Optional[str], typer.Option("--runs-root", help="Parent of run directories.")] = None,
+    rejection_sampling: Annotated[Optional[bool], typer.Option(
+        "--rejection-sampling/--no-rejection-sampling", help="SFT -> RS -> PPO instead of SFT -> PPO.")] = None,
+) -> None:
+    """Run the whole pipeline (the rlhf-pipeline flow): data, tokenizer, SFT, both reward models, PPO, eval, report."""
+    from pydantic import ValidationError
+
+    from .pipeline import PipelineConfig, load_config_file, parse_override, resolve
+
+    fields: dict = {}
+    try:
+        if config is not None:
+            if not config.is_file():
+                fail(f"{config}: no such config file")
+            fields = load_config_file(config)
+        if preset is not None:
+            fields["preset"] = preset
+        if run_name is not None:
+            fields["run_name"] = run_name
+        if runs_root is not None:
+            fields["runs_root"] = runs_root
+        if rejection_sampling is not None:
+            fields["rejection_sampling"] = rejection_sampling
+        overrides = dict(fields.get("overrides") or {})
+        overrides.update(parse_override(item) for item in (set_ or []))
+        fields["overrides"] = overrides
+        pipeline_config = PipelineConfig.model_validate(fields)
+        resolve(pipeline_config)  # refuse a bad override before any work starts
+    except (ValidationError, ValueError) as err:
+        fail(f"invalid pipeline config: {err}", EXIT_USAGE)
+
+    from flows.pipeline import rlhf_pipeline
+
+    result = rlhf_pipeline(config=pipeline_config)
+    typer.echo(f"report: {result['report_md']}")
+
+
+@app.command("eval", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+def evaluate(
+    checkpoint: Annotated[list[str], typer.Option(
+        "--checkpoint", help="Policy checkpoint to evaluate (repeatable; NAME=PATH or PATH).")],
+    baseline: Annotated[str, typer.Option("--baseline", help="Baseline checkpoint (NAME=PATH or PATH).")],
+    prompts: Annotated[Path, typer.Option("--prompts", help="Evaluation prompts (kind eval).")],
+    reward_helpfulness: Annotated[Path, typer.Option("--reward-helpfulness", help="Helpfulness RM directory.")],
+    reward_safety: Annotated[Path, typer.Option("--reward-safety", help="Safety RM directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Evaluation stage directory.")] = Path("runs/eval"),
+    preset: Annotated[str, typer.Option("--preset", help="Generation defaults: tiny (demo) or llama2-7b.")] = "tiny",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an eval field, e.g. --set "
+                                                                     "temperature=0.7")] = None,
+) -> None:
+    """Evaluate checkpoints against a baseline: safety (violations, false refusals) and helpfulness (RM win rate)."""
+    from pydantic import ValidationError
+
+    from .pipeline import parse_override
+    from .stages.evaluate import EvalInputs, eval_config_for, run_eval
+
+    def named(spec: str) -> tuple[str, str]:
+        name, sep, path = spec.partition("=")
+        return (name, path) if sep else (Path(spec).parent.name if Path(spec).name == "final" else Path(spec).name,
+                                         spec)
+
+    base_name, base_path = named(baseline)
+    ckpts = {base_name: base_path}
+    for spec in checkpoint:
+        name, path = named(spec)
+        if name in ckpts:
+            name = f"{name}-{len(ckpts)}"
+        ckpts[name] = path
+    for name, path in ckpts.items():
+        if not Path(path).is_dir():
+            fail(f"{path}: no such checkpoint directory ({name})")
+    try:
+        cfg = eval_config_for(preset).model_copy(update=dict(parse_override(s) for s in (set_ or [])))
+        cfg = type(cfg).model_validate(cfg.model_dump())
+        result = run_eval(cfg, EvalInputs(checkpoints=ckpts, baseline=base_name, prompts=str(prompts),
+                                          reward_helpfulness=str(reward_helpfulness),
+                                          reward_safety=str(reward_safety)), out)
+    except (ValidationError, ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    from .report import EVAL_KEYS
+
+    names = list(result.metrics["checkpoints"])
+    typer.echo("metric".ljust(24) + "".join(n.rjust(14) for n in names))
+    for key in EVAL_KEYS:
+        vals = [result.metrics["checkpoints"][n].get(key) for n in names]
+        typer.echo(key.ljust(24) + "".join(("n/a" if v is None else f"{v:.3f}").rjust(14) for v in vals))
+    typer.echo(f"results: {Path(out) / 'result.json'}")
+
+
+@app.command("chat", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+def chat(
+    checkpoint: Annotated[Path, typer.Argument(help="Policy checkpoint directory.", show_default=False)],
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Chat with a checkpoint in the Llama 2 chat format, streaming tokens. Reads prompts from stdin (one per line)
+    when stdin is not a terminal; type /reset to start over and /exit (or Ctrl-D) to leave."""
+    import sys
+
+    if not checkpoint.is_dir():
+        fail(f"{checkpoint}: no such checkpoint directory")
+    from .generation import GenerationSettings, stream_text
+    from .model import build_model, freeze
+    from .tokenizer import load_tokenizer
+
+    try:
+        model = freeze(build_model(checkpoint, "policy"))
+        tok = load_tokenizer(checkpoint)
+    except (ValueError, OSError) as err:
+        fail(f"cannot load {checkpoint}: {err}")
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    base_history = list(history)
+    while True:
+        if interactive:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = list(base_history)
+            continue
+        history.append({"role": "user", "content": line})
+        typer.echo("assistant> ", nl=False)
+        pieces = []
+        for piece in stream_text(model, tok, history, settings):
+            pieces.append(piece)
+            typer.echo(piece, nl=False)
+            sys.stdout.flush()
+        typer.echo("")
+        history.append({"role": "assistant", "content": "".join(pieces).strip() or "..."})
 
 
 def main() -> None:

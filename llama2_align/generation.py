@@ -7,7 +7,7 @@ limit). Sampling is seeded with a private generator, so the same seed gives the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, Field
@@ -48,7 +48,7 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 @torch.no_grad()
-def generate_ids(
+def decode_steps(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
     *,
@@ -58,8 +58,9 @@ def generate_ids(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """Decode one batch of prompt ids with a KV cache; returns each response's ids (stopping after EOS)."""
+) -> Iterator[torch.Tensor]:
+    """Decode a batch of prompt ids with a KV cache, yielding each step's next tokens ([B]; padding once a row
+    has produced EOS). Prompts are left-padded; position ids skip the padding."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
@@ -76,14 +77,13 @@ def generate_ids(
         past = out.past_key_values
         logits = out.logits[:, -1, :]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        tokens = []
         next_pos = position_ids[:, -1:] + 1
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = _sample_next(logits, temperature, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            tokens.append(nxt)
+            yield nxt
             done |= nxt == eos_token_id
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
             out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=next_pos,
@@ -94,17 +94,45 @@ def generate_ids(
     finally:
         model.train(was_training)
 
-    gen = torch.stack(tokens, dim=1).tolist()
+
+def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, eos_token_id: int, pad_token_id: int,
+                 max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+    """Each prompt's response ids, up to and including EOS (no padding)."""
+    steps = list(decode_steps(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              generator=generator))
     responses = []
-    for row in gen:
+    for row in torch.stack(steps, dim=1).tolist():
         resp = []
         for t in row:
             resp.append(t)
             if t == eos_token_id:
                 break
-        # tokens after EOS are padding
         responses.append(resp)
     return responses
+
+
+def stream_text(model: nn.Module, tokenizer, messages: Sequence[dict], settings: GenerationSettings
+                ) -> Iterator[str]:
+    """Answer one chat prompt, yielding text pieces as tokens arrive (for the interactive chat)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    ids = encode_prompt(tokenizer, messages)
+    eos = tokenizer.eos_token_id
+    out: list[int] = []
+    shown = ""
+    for nxt in decode_steps(model, [ids], eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                            top_p=settings.top_p, generator=generator):
+        t = int(nxt[0])
+        if t == eos:
+            break
+        out.append(t)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
 
 
 def generate(

@@ -104,7 +104,10 @@ def _free_device_memory() -> None:
 def run_with_oom_backoff(fn: Callable[[C], Any], config: C, warn: Callable[[str], None] = print,
                          stage: str = "stage") -> tuple[Any, C]:
     """Call ``fn(config)``; on out-of-memory halve the micro-batch (doubling accumulation: same effective batch) and
-    call again, down to micro-batch 1. Returns ``(result, the config that worked)``."""
+    call again, down to micro-batch 1. Returns ``(result, the config that worked)``. A config without a micro-batch
+    (evaluation) is run once as it is."""
+    if not hasattr(config, "micro_batch_size"):
+        return fn(config), config
     while True:
         try:
             return fn(config), config
@@ -228,7 +231,7 @@ def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs:
         else:
             logger.error(f"{stage}: failed: {exc!r}")
         raise
-    if used.micro_batch_size != config.micro_batch_size:
+    if getattr(used, "micro_batch_size", None) != getattr(config, "micro_batch_size", None):
         logger.warning(f"{stage}: finished with micro_batch_size {used.micro_batch_size} after OOM back-off")
     progress.update(100.0, f"{stage}: done ({result.steps} steps)")
     publish_stage_artifacts(result)

@@ -28,8 +28,8 @@ from ..chat import encode_prompt
 from ..data import read_records
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
-from ..model import (LoraSettings, build_model, build_reference, freeze, is_peft, merge_lora, read_model_meta,
-                     save_model, unwrap)
+from ..model import (LoraSettings, Reference, adapter_base, build_model, build_reference, freeze, is_peft, merge_lora,
+                     read_model_meta, save_model, source_kind, unwrap)
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, checkpoints, input_fingerprints,
                      is_main_process, latest_checkpoint, load_result, provenance, prune_checkpoints,
@@ -86,6 +86,15 @@ class PPOConfig(BaseModel):
     num_samples: int = Field(6, ge=0)
     seed: int = 0
     num_processes: int = Field(1, ge=1)
+
+
+    @property
+    def batch_size(self) -> int:
+        """The optimizer step's batch (a mini-batch); the OOM back-off keeps it fixed."""
+        return self.mini_batch_size
+
+    def gradient_accumulation(self, world_size: int = 1) -> int:
+        return max(1, self.mini_batch_size // (self.micro_batch_size * world_size))
 
 
 class PPOInputs(BaseModel):
@@ -205,7 +214,10 @@ def policy_forward(model, batch: Batch, with_entropy: bool = False):
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = batch.select(out.logits)
     logp = core.gather_logprobs(logits, batch.response_ids)
-    ent = core.entropy_from_logits(logits) if with_entropy else None
+    ent = None
+    if with_entropy:  # a metric only: no graph (it would hold a [B, T, V] softmax until backward)
+        with torch.no_grad():
+            ent = core.entropy_from_logits(logits)
     return logp, ent, logits
 
 
@@ -215,6 +227,10 @@ def value_forward(model, batch: Batch) -> torch.Tensor:
     hidden = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     values = base.score(hidden.last_hidden_state).squeeze(-1)
     return batch.select(values).float()
+
+
+def _full_weights_base(source: str) -> str:
+    return adapter_base(source) if source_kind(source) == "adapter" else source
 
 
 def _check_finite(iteration: int, **tensors) -> None:
@@ -278,16 +294,23 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
         else inputs.reward_safety
     policy = build_model(policy_src, "policy", lora=None if resume else cfg.lora, dtype=cfg.dtype, seed=cfg.seed,
                          gradient_checkpointing=cfg.gradient_checkpointing)
-    reference = build_reference(policy, inputs.policy, dtype=cfg.dtype)
+    if is_peft(policy) and source_kind(inputs.policy) == "adapter":
+        # The policy continues the SFT's own adapter, so "adapters off" would be the pre-SFT base, not the SFT
+        # policy: the reference must be a separate frozen copy of the SFT checkpoint.
+        reference = Reference(policy, build_model(inputs.policy, "reference", dtype=cfg.dtype))
+    else:
+        reference = build_reference(policy, inputs.policy, dtype=cfg.dtype)
     value_lora = cfg.value_lora if cfg.value_lora is not None else cfg.lora
     value = build_model(value_src, "value", lora=None if resume else value_lora, dtype=cfg.dtype, seed=cfg.seed,
                         gradient_checkpointing=cfg.gradient_checkpointing)
     rm_h = RewardScorer(inputs.reward_helpfulness, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
     rm_s = RewardScorer(inputs.reward_safety, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
     device = next(policy.parameters()).device
-    # The base a saved LoRA policy points to: the SFT checkpoint (itself an adapter or full weights).
-    policy_base = inputs.policy
-    value_base = inputs.reward_helpfulness if cfg.value_init == "helpfulness" else inputs.reward_safety
+    # The base a saved LoRA policy/value points to: full weights. A model loaded from an adapter keeps training
+    # that adapter, so its base is the adapter's own base (an adapter cannot be the base of another one).
+    policy_base = _full_weights_base(inputs.policy)
+    value_base = _full_weights_base(inputs.reward_helpfulness if cfg.value_init == "helpfulness"
+                                    else inputs.reward_safety)
 
     opt_p = _optimizer(policy, cfg.learning_rate, cfg)
     opt_v = _optimizer(value, cfg.value_learning_rate, cfg)
@@ -324,10 +347,11 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
         return picked[rank * per_rank:(rank + 1) * per_rank]  # this rank's share
 
     samples_log: list[dict] = []
-    if (out_dir / "samples.json").exists():
+    if resume is not None and (out_dir / "samples.json").exists():
         import json
 
-        samples_log = json.loads((out_dir / "samples.json").read_text())
+        # only the samples of iterations the checkpoint covers: later ones are logged again as they re-run
+        samples_log = [s for s in json.loads((out_dir / "samples.json").read_text()) if s["iteration"] <= start_it]
     last_metrics: dict = {}
     for it in range(start_it + 1, cfg.iterations + 1):
         t_it = Timer()
@@ -373,7 +397,8 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
                 score = torch.where(finished, score, score + cfg.missing_eos_penalty)
             beta = cfg.kl_beta if cfg.kl_penalty else 0.0
             rewards, kl = core.token_rewards(score, old_logp, ref_logp, batch.mask, beta)
-            _check_finite(it, rewards=rewards, rm_helpfulness=raw_h, rm_safety=raw_s, values=old_values)
+            # the sources first, so the error names where a NaN came from, not only where it ended up
+            _check_finite(it, rm_helpfulness=raw_h, rm_safety=raw_s, values=old_values, rewards=rewards)
             adv, returns = core.gae(rewards, old_values, batch.mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 adv = core.whiten(adv, batch.mask)
