@@ -35,3 +35,39 @@ def plot_curves(rows: Sequence[dict], keys: Sequence[str], out_png: str | Path, 
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return atomic_write_bytes(out_png, buf.getvalue())
+
+
+def plot_histograms(series: dict[str, list[float]], out_png: str | Path, title: str = "") -> Path | None:
+    """Overlaid histograms on shared bins, one per named series (legend shows n and mean); None when all empty."""
+    present = {k: [float(v) for v in vals] for k, vals in series.items() if vals}
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .io import atomic_write_bytes
+
+    lo = min(min(v) for v in present.values())
+    hi = max(max(v) for v in present.values())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = np.linspace(lo, hi, 31)
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    for name, vals in present.items():
+        ax.hist(vals, bins=bins, alpha=0.5, density=True,
+                label=f"{name} (n={len(vals)}, mean={sum(vals) / len(vals):.3f})")
+    ax.set_ylabel("density")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return atomic_write_bytes(out_png, buf.getvalue())
