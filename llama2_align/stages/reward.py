@@ -27,7 +27,7 @@ from ..model import build_model, freeze, is_peft, read_model_meta, save_model, t
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints, is_main_process,
                      load_result, provenance, write_result)
-from .training import MetricsCallback, TrainStageConfig, resume_checkpoint, trainer_arguments, trainer_class
+from .training import MetricsCallback, TrainStageConfig, make_trainer, resume_checkpoint, trainer_arguments
 
 RM_KINDS = ("helpfulness", "safety")
 
@@ -241,8 +241,7 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, out_dir: str | Path, 
     eval_ds = Dataset.from_list(tokenize_pairs(tokenizer, eval_recs, config.margin)) if eval_recs else None
     args = TRLRewardConfig(**trainer_arguments(config, out_dir, len(train_ds), eval_ds is not None),
                            center_rewards_coefficient=None, disable_dropout=True)
-    Trainer = trainer_class(RewardTrainer)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = make_trainer(RewardTrainer, config, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, callbacks=[MetricsCallback(out_dir, f"reward-{config.kind}",
                                                                              progress)])
     resume = resume_checkpoint(out_dir)

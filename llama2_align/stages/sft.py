@@ -20,7 +20,7 @@ from ..model import build_model, is_peft, is_preset, save_model, trainable_param
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints, is_main_process,
                      load_result, provenance, write_result)
-from .training import MetricsCallback, TrainStageConfig, resume_checkpoint, trainer_arguments, trainer_class
+from .training import MetricsCallback, TrainStageConfig, make_trainer, resume_checkpoint, trainer_arguments
 
 BASE_DIR = "base"  # where a preset-initialised base is saved when LoRA adapters need something to point to
 
@@ -109,8 +109,7 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
         packing=config.packing,
         dataset_kwargs={},
     )
-    Trainer = trainer_class(SFTTrainer)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+    trainer = make_trainer(SFTTrainer, config, model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                       processing_class=tokenizer, callbacks=[MetricsCallback(out_dir, "sft", progress)])
     resume = resume_checkpoint(out_dir)
     trainer.train(resume_from_checkpoint=resume)
@@ -122,11 +121,13 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
         final_metrics["train_loss_first"] = losses[0]
         final_metrics["train_loss_last"] = losses[-1]
     if val_ds is not None:
-        ev = trainer.evaluate()
-        final_metrics["val_loss"] = float(ev["eval_loss"])
-        vals = [r["eval_loss"] for r in logs if "eval_loss" in r]
+        vals = [(r["step"], r["eval_loss"]) for r in logs if "eval_loss" in r]
+        if vals and vals[-1][0] == trainer.state.global_step:
+            final_metrics["val_loss"] = vals[-1][1]  # already evaluated at the last step
+        else:
+            final_metrics["val_loss"] = float(trainer.evaluate()["eval_loss"])
         if vals:
-            final_metrics["val_loss_first"] = vals[0]
+            final_metrics["val_loss_first"] = vals[0][1]
     trained, total = trainable_parameters(model)
     final_metrics.update(trainable_params=trained, total_params=total, train_examples=len(train_ds),
                          val_examples=len(val_ds) if val_ds is not None else 0)

@@ -192,3 +192,18 @@ def resume_checkpoint(out_dir: Path) -> str | None:
 def trainer_class(base):
     """``base`` (a TRL trainer class) with atomic checkpoints."""
     return type(f"Atomic{base.__name__}", (AtomicCheckpoints, base), {})
+
+
+def make_trainer(base, config: TrainStageConfig, **kwargs):
+    """Build a TRL trainer with atomic checkpoints. Without a progress bar it is quiet too: no per-log dict prints
+    and no dataset-preparation bars (the stage's progress callback and metrics.jsonl carry that information)."""
+    if not config.progress_bar:
+        import datasets
+
+        datasets.disable_progress_bars()
+    trainer = trainer_class(base)(**kwargs)
+    if not config.progress_bar:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
