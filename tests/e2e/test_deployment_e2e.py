@@ -1,0 +1,195 @@
+"""End to end through a real Prefect server and process worker, the way the UI's "Run" button runs the pipeline.
+
+A `prefect server start` subprocess (own PREFECT_HOME and SQLite database), the `llama2-gpu` process work pool and
+the `gpu` tag concurrency limit, `prefect deploy --all --prefect-file deployments/prefect.yaml`, a `prefect worker
+start` subprocess; then the `rlhf-pipeline` deployment's form schema is checked, a flow run is created from it with
+the demo-micro preset, and its task runs, artifacts and report.json are read back. Every process started here is
+stopped by its pid (SIGINT, then SIGKILL) whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+POOL = "llama2-gpu"
+STAGE_TASKS = ("sft", "reward-helpfulness", "reward-safety", "ppo", "eval", "report")
+RUN_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp: Path, api_url: str) -> dict[str, str]:
+    """An explicit environment for every subprocess: nothing inherited from the test session's Prefect set-up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": os.environ.get("HF_HOME", str(tmp / "hf-home")),
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
+        "LLAMA2_ALIGN_ROOT": str(REPO),
+        "LLAMA2_ALIGN_RUNS_ROOT": str(tmp / "runs-default"),
+    })
+    return env
+
+
+def _cli(args: list[str], env: dict[str, str], timeout: float = 180) -> str:
+    proc = subprocess.run([PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    fh = open(log, "w")
+    # Its own session, so that a Ctrl-C in the terminal running pytest does not reach it before our finally does.
+    return subprocess.Popen([PREFECT, *args], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """SIGINT (a background worker may ignore SIGTERM), wait, then SIGKILL; its process group too (its children)."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGINT)
+            proc.wait(timeout=grace_s)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    for kill in (lambda: os.killpg(proc.pid, signal.SIGKILL), lambda: os.kill(proc.pid, signal.SIGKILL)):
+        try:
+            kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"prefect server exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"prefect server not healthy after {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    ref = node.get("$ref") or (node.get("allOf") or [{}])[0].get("$ref")
+    if ref:
+        return schema["definitions"][ref.split("/")[-1]]
+    return node
+
+
+async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> None:
+    from prefect.client.orchestration import PrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with PrefectClient(api=api_url) as client:
+        # All six deployments, on the GPU pool, with inactive schedules where they have any.
+        deployments = {d.name: d for d in await client.read_deployments()}
+        assert {"rlhf-pipeline", "rlhf-eval", "sft", "reward", "ppo"} <= set(deployments), deployments.keys()
+        for name, d in deployments.items():
+            assert d.work_pool_name == POOL, (name, d.work_pool_name)
+            assert "gpu" in d.tags and all(not s.active for s in d.schedules), (name, d.tags, d.schedules)
+            assert d.job_variables["env"]["HF_HUB_OFFLINE"] == "1"
+            assert d.job_variables["env"]["LLAMA2_ALIGN_ROOT"] == str(REPO)
+        assert len(deployments["rlhf-pipeline"].schedules) == 1 and len(deployments["rlhf-eval"].schedules) == 1
+
+        # The form the UI renders: config -> preset (a drop-down incl. demo-tiny), run_name, overrides.
+        dep = await client.read_deployment_by_name("rlhf-pipeline/rlhf-pipeline")
+        schema = dep.parameter_openapi_schema
+        config = _resolve(schema, schema["properties"]["config"])
+        fields = config["properties"]
+        assert {"preset", "run_name", "runs_root", "overrides", "base_model", "data"} <= set(fields), fields.keys()
+        preset = _resolve(schema, fields["preset"])
+        assert {"demo-tiny", "demo-micro", "llama2-7b-lora"} <= set(preset["enum"]), preset
+        assert dep.parameters["config"]["preset"] == "demo-tiny"
+
+        # What the UI's Run button does: a flow run from the deployment, picked up by the worker.
+        run = await client.create_flow_run_from_deployment(
+            dep.id, parameters={"config": {"preset": "demo-micro", "runs_root": str(runs_root)}})
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            run = await client.read_flow_run(run.id)
+            if run.state and run.state.is_final():
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"flow run still {run.state.name if run.state else None} after "
+                                     f"{RUN_TIMEOUT_S}s; worker log:\n{logs['worker'].read_text()[-6000:]}")
+            await asyncio.sleep(2)
+        assert run.state.is_completed(), (f"flow run ended {run.state.name}: {run.state.message}\n"
+                                          f"worker log:\n{logs['worker'].read_text()[-6000:]}")
+
+        only_this_run = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        task_runs = await client.read_task_runs(flow_run_filter=only_this_run)
+        states = {t.name: t.state.type.value for t in task_runs}
+        for name in STAGE_TASKS:
+            assert states.get(name) == "COMPLETED", states
+        gpu_tagged = {t.name for t in task_runs if "gpu" in t.tags}
+        assert {"sft", "reward-helpfulness", "reward-safety", "ppo", "eval"} <= gpu_tagged, gpu_tagged
+
+        artifacts = await client.read_artifacts(flow_run_filter=only_this_run)
+        keys = {a.key for a in artifacts if a.key}
+        assert {"rlhf-report", "rlhf-headline", "sft-summary"} <= keys, sorted(keys)
+
+    report = runs_root / "demo" / "report.json"
+    assert report.is_file(), list(runs_root.rglob("*"))[:50]
+    data = json.loads(report.read_text())
+    assert {"stages", "eval"} <= set(data), list(data)
+
+
+def test_pipeline_deployment_runs_through_server_and_worker(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = _env(tmp_path, api_url)
+    logs = {"server": tmp_path / "server.log", "worker": tmp_path / "worker.log"}
+    procs: list[subprocess.Popen] = []
+    try:
+        _cli(["server", "database", "upgrade", "-y"], env)
+        server = _start(["server", "start", "--host", "127.0.0.1", "--port", str(port)], env, logs["server"])
+        procs.append(server)
+        _wait_healthy(api_url, server, logs["server"])
+        print(f"\n[e2e] server healthy after {time.monotonic() - t0:.0f}s")
+
+        _cli(["work-pool", "create", POOL, "--type", "process"], env)
+        _cli(["concurrency-limit", "create", "gpu", "1"], env)
+        _cli(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
+        print(f"[e2e] deployed after {time.monotonic() - t0:.0f}s")
+
+        worker = _start(["worker", "start", "--pool", POOL, "--limit", "1"], env, logs["worker"])
+        procs.append(worker)
+
+        asyncio.run(_exercise(api_url, tmp_path / "runs", logs))
+        print(f"[e2e] done after {time.monotonic() - t0:.0f}s")
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
