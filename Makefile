@@ -34,3 +34,37 @@ test-quick: install
 
 clean:
 	rm -rf runs .prefect demo_out
+
+# --- Prefect: UI server, GPU work pool + worker, deployments (see README "Deployments and the Prefect UI") ---
+PREFECT := $(VENV)/bin/prefect
+PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+GPU_SLOTS ?= 1
+CUDA_VISIBLE_DEVICES ?= 0
+HF_HOME ?= $(HOME)/.cache/huggingface
+LLAMA2_ALIGN_ROOT ?= $(CURDIR)
+LLAMA2_ALIGN_RUNS_ROOT ?= $(CURDIR)/runs
+PREFECT_ENV = PREFECT_API_URL=$(PREFECT_API) PREFECT_UI_API_URL=$(PREFECT_API) \
+	LLAMA2_ALIGN_ROOT=$(LLAMA2_ALIGN_ROOT) LLAMA2_ALIGN_RUNS_ROOT=$(LLAMA2_ALIGN_RUNS_ROOT) \
+	HF_HOME=$(HF_HOME) CUDA_VISIBLE_DEVICES=$(CUDA_VISIBLE_DEVICES)
+
+# The UI at http://127.0.0.1:$(PREFECT_PORT); SQLite under $(PREFECT_HOME). Migrate first (a fresh DB takes 15-20 s).
+server: install
+	mkdir -p $(PREFECT_HOME)
+	$(PREFECT_ENV) $(PREFECT) server database upgrade -y
+	$(PREFECT_ENV) $(PREFECT) server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# A process worker on $(WORK_POOL); creates the pool and the `gpu` tag limit ($(GPU_SLOTS) slot(s)) when missing.
+ENSURE_POOL = $(PREFECT_ENV) $(PREFECT) work-pool inspect $(WORK_POOL) >/dev/null 2>&1 || \
+	$(PREFECT_ENV) $(PREFECT) work-pool create $(WORK_POOL) --type process
+
+worker: install
+	$(ENSURE_POOL)
+	$(PREFECT_ENV) $(PREFECT) concurrency-limit inspect gpu >/dev/null 2>&1 || \
+		$(PREFECT_ENV) $(PREFECT) concurrency-limit create gpu $(GPU_SLOTS)
+	$(PREFECT_ENV) $(PREFECT) worker start --pool $(WORK_POOL)
+
+# Register every deployment in deployments/prefect.yaml (paths filled in from the variables above); needs the
+# server, and creates the work pool when missing (prefect deploy --no-prompt refuses a missing pool).
+deploy: install
+	$(ENSURE_POOL)
+	$(PREFECT_ENV) $(PREFECT) --no-prompt deploy --all --prefect-file deployments/prefect.yaml

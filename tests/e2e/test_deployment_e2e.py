@@ -113,7 +113,7 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async with PrefectClient(api=api_url) as client:
-        # All six deployments, on the GPU pool, with inactive schedules where they have any.
+        # All five deployments, on the GPU pool, with inactive schedules where they have any.
         deployments = {d.name: d for d in await client.read_deployments()}
         assert {"rlhf-pipeline", "rlhf-eval", "sft", "reward", "ppo"} <= set(deployments), deployments.keys()
         for name, d in deployments.items():
