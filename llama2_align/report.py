@@ -25,6 +25,7 @@ EXTRA_EVAL_KEYS = ("borderline_accuracy", "false_refusal_borderline", "false_ref
                    "refusal_rate_adversarial", "rm_safety_adversarial", "tie_rate", "loss_rate", "no_eos_frac")
 LOWER_IS_BETTER = {"violation_rate", "false_refusal_rate", "false_refusal_borderline", "false_refusal_helpful",
                    "loss_rate", "no_eos_frac"}
+NO_VERDICT = {"tie_rate"}  # neither direction is better
 
 
 def _scalar_metrics(metrics: dict) -> dict:
@@ -102,7 +103,7 @@ def headline_rows(report: dict) -> list[dict[str, str]]:
     for key in EVAL_KEYS + EXTRA_EVAL_KEYS:
         b, f = report["eval"][base].get(key), report["eval"][final].get(key)
         delta = (f - b) if isinstance(b, (int, float)) and isinstance(f, (int, float)) else None
-        better = None if delta is None or delta == 0 else ((delta < 0) == (key in LOWER_IS_BETTER))
+        better = None if delta is None or delta == 0 or key in NO_VERDICT else ((delta < 0) == (key in LOWER_IS_BETTER))
         rows.append({"metric": key, base: _fmt(b), final: _fmt(f),
                      "change": "n/a" if delta is None else f"{delta:+.3f}",
                      "verdict": "" if better is None else ("better" if better else "worse")})
