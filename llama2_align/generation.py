@@ -2,10 +2,20 @@
 
 Prompts are left-padded into one batch and decoded with a KV cache; a sequence stops at EOS (or at the length
 limit). Sampling is seeded with a private generator, so the same seed gives the same tokens.
+
+The rollout engine (:func:`decode_steps`, the default ``engine="static"``): one preallocated static KV cache for the
+batch (transformers' ``StaticCache``, prompt + ``max_new_tokens`` long), an additive 4D attention mask kept in one
+buffer and opened a column per step (no mask rebuilt per step), prefill logits for the last position only, and a
+decode step captured in a CUDA graph on GPUs (``torch.compile(mode="reduce-overhead")``; eager elsewhere). Finished
+rows stop costing compute: every few steps, when at most half the rows are still running, the batch is compacted
+(finished rows dropped from the cache). A LoRA (PEFT) policy decodes with its adapters active, unmerged.
+``engine="dynamic"`` is the previous path (transformers' dynamic cache, one forward per step), kept as a reference.
 """
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -47,7 +57,6 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_p: float, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def decode_steps(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -58,9 +67,41 @@ def decode_steps(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    engine: str = "static",
+    compile: bool | None = None,
+    compact: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Decode a batch of prompt ids with a KV cache, yielding each step's next tokens ([B]; padding once a row
-    has produced EOS). Prompts are left-padded; position ids skip the padding."""
+    has produced EOS). Prompts are left-padded; position ids skip the padding. Stops when every row has finished.
+
+    ``engine``: ``"static"`` (the rollout engine) or ``"dynamic"`` (the previous path). ``compile``: capture the
+    decode step in a CUDA graph; ``None`` = on CUDA only (it is never used on CPU). ``compact``: drop finished rows
+    from the batch as they accumulate (the yielded tensors keep the full batch either way)."""
+    if engine == "dynamic":
+        return decode_steps_dynamic(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    generator=generator)
+    if engine != "static":
+        raise ValueError(f"unknown decode engine {engine!r}: expected 'static' or 'dynamic'")
+    return _decode_static(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
+                          compile=compile, compact=compact)
+
+
+@torch.no_grad()
+def decode_steps_dynamic(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """The previous decode path (transformers' dynamic cache, the 2D mask grown per step), kept as the reference the
+    engine is tested and benchmarked against. Same contract as :func:`decode_steps`."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
@@ -70,6 +111,7 @@ def decode_steps(
         attention[i, width - len(p):] = 1
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
 
+    cache_kw = _cache_kw(_decoder(model))
     was_training = model.training
     model.eval()
     try:
@@ -87,7 +129,7 @@ def decode_steps(
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
             out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=next_pos,
-                        past_key_values=past, use_cache=True)
+                        use_cache=True, **{cache_kw: past})
             past = out.past_key_values
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
@@ -95,13 +137,191 @@ def decode_steps(
         model.train(was_training)
 
 
+def _cache_kw(lm: nn.Module) -> str:
+    """The forward's name for the cache argument (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    try:
+        return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rollout engine: a preallocated static KV cache, an additive 4D mask updated in place, a decode step that is
+# captured in a CUDA graph on GPUs (torch.compile, mode="reduce-overhead"), and compaction of finished rows.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Compact the batch (drop finished rows from the cache) when at most half the rows are still running; checked every
+# COMPACT_EVERY steps. The new batch is half the old one (finished rows fill it up if needed), so a compiled step
+# sees at most log2(batch) shapes.
+COMPACT_EVERY = 4
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The transformers causal LM to call: under a PEFT wrapper, its base model, whose LoRA layers are injected in
+    place and stay active (no merged copy of the weights)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
+class _StepRunner:
+    """One decode step (``model(ids [B,1], mask [B,1,1,L], pos [B,1], cache)`` -> logits [B,V]) on static buffers.
+
+    On CUDA (and ``compile``) the step is ``torch.compile(mode="reduce-overhead")``: the cache tensors have static
+    addresses (``StaticLayer`` marks them), the inputs are copied into fixed buffers, every call starts with
+    ``cudagraph_mark_step_begin()`` and the logits are cloned out of the graph's memory before the next replay (the
+    "CUDA graph output overwritten" failure comes from reading a previous replay's output). Elsewhere it runs eagerly.
+    """
+
+    _compiled: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, lm: nn.Module, device: torch.device, compile: bool | None):
+        self.lm = lm
+        self.device = device
+        self.cache_kw = _cache_kw(lm)
+        self.use_graph = (device.type == "cuda") if compile is None else (bool(compile) and device.type == "cuda")
+        self.fn = self._eager
+        if self.use_graph:  # pragma: no cover - CUDA only (untested here: no GPU)
+            fn = _StepRunner._compiled.get(lm)
+            if fn is None:
+                fn = torch.compile(self._forward_of(lm), mode="reduce-overhead", fullgraph=False, dynamic=False)
+                _StepRunner._compiled[lm] = fn
+            self.fn = fn
+
+    @staticmethod
+    def _forward_of(lm: nn.Module):
+        cache_kw = _cache_kw(lm)
+
+        def step(ids, mask, pos, cache):
+            return lm(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_kw: cache}, use_cache=True,
+                      logits_to_keep=1).logits[:, -1, :]
+        return step
+
+    def _eager(self, ids, mask, pos, cache):
+        return self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, **{self.cache_kw: cache}, use_cache=True,
+                       logits_to_keep=1).logits[:, -1, :]
+
+    def __call__(self, ids, mask, pos, cache) -> torch.Tensor:
+        if self.fn is self._eager:
+            return self._eager(ids, mask, pos, cache)
+        try:  # pragma: no cover - CUDA only
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.fn(ids, mask, pos, cache).clone()
+        except Exception as exc:  # pragma: no cover - a compile failure must not stop a rollout: run it eagerly
+            import logging
+
+            logging.getLogger(__name__).warning("compiled decode step failed (%s: %s); decoding eagerly",
+                                                type(exc).__name__, exc)
+            _StepRunner._compiled.pop(self.lm, None)
+            self.fn = self._eager
+            self.use_graph = False
+            return self._eager(ids, mask, pos, cache)
+
+
+def _select_rows(cache, rows: torch.Tensor, device: torch.device) -> None:
+    """Keep only ``rows`` of every static cache layer (new tensors, marked static again for the compiled step)."""
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        layer.keys = layer.keys.index_select(0, rows).contiguous()
+        layer.values = layer.values.index_select(0, rows).contiguous()
+        layer.batch_size = int(rows.numel())
+        if device.type == "cuda":  # pragma: no cover - CUDA only
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+
+
+@torch.no_grad()
+def _decode_static(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    compile: bool | None,
+    compact: bool,
+) -> Iterator[torch.Tensor]:
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    lm = _decoder(model)
+    dtype = next(lm.parameters()).dtype
+    n, width = len(prompts), max(len(p) for p in prompts)
+    total = width + max_new_tokens  # the cache never grows: prompt + every new token
+    neg = torch.finfo(dtype).min
+
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        attention[i, width - len(p):] = True
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    position_ids = (attention.long().cumsum(-1) - 1).clamp(min=0)
+
+    # Prefill mask [n,1,W,L]: causal over the prompt, padding keys hidden; a padding query sees itself, so no row is
+    # fully masked (a fully masked row would put NaN in the cache). Keys past the prompt stay hidden until decoded.
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = causal[None] & attention[:, None, :]
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
+    prefill_mask = torch.full((n, 1, width, total), neg, dtype=dtype, device=device)
+    prefill_mask[:, 0, :, :width].masked_fill_(allowed, 0.0)
+    # Decode mask [n,1,1,L], one buffer updated in place: prompt keys by padding, each new key opened as it is written.
+    step_mask = torch.full((n, 1, 1, total), neg, dtype=dtype, device=device)
+    step_mask[:, 0, 0, :width].masked_fill_(attention, 0.0)
+
+    cache = StaticCache(config=lm.config, max_cache_len=total)
+    runner = _StepRunner(lm, device, compile)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = lm(input_ids=input_ids, attention_mask=prefill_mask, position_ids=position_ids,
+                    **{runner.cache_kw: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        del prefill_mask
+        rows = torch.arange(n, device=device)  # which original row each live batch slot holds
+        live = torch.ones(n, dtype=torch.bool, device=device)  # per slot: still decoding
+        ids_buf = torch.empty((n, 1), dtype=torch.long, device=device)
+        pos_buf = position_ids[:, -1:].clone()
+        for step in range(max_new_tokens):
+            nxt = _sample_next(logits, temperature, top_p, generator)
+            nxt = torch.where(live, nxt, torch.full_like(nxt, pad_token_id))
+            if rows.numel() == n:
+                yield nxt
+            else:
+                full = torch.full((n,), pad_token_id, dtype=nxt.dtype, device=device)
+                full[rows] = nxt
+                yield full
+            live &= nxt != eos_token_id
+            if step == max_new_tokens - 1 or not bool(live.any()):
+                break
+            if compact and step % COMPACT_EVERY == COMPACT_EVERY - 1 and rows.numel() > 1:
+                n_live = int(live.sum())
+                half = (rows.numel() + 1) // 2
+                if n_live <= half:
+                    order = torch.argsort((~live).to(torch.int8), stable=True)[:half]  # live slots first
+                    _select_rows(cache, order, device)
+                    rows, live, nxt = rows[order], live[order], nxt[order]
+                    step_mask, pos_buf = step_mask[order].contiguous(), pos_buf[order].contiguous()
+                    ids_buf = torch.empty((order.numel(), 1), dtype=torch.long, device=device)
+            col = width + step  # the cache slot this step writes
+            step_mask[:, 0, 0, col] = 0.0
+            pos_buf += 1
+            ids_buf.copy_(nxt.unsqueeze(-1))
+            logits = runner(ids_buf, step_mask, pos_buf, cache)
+    finally:
+        model.train(was_training)
+
+
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, eos_token_id: int, pad_token_id: int,
                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, engine: str = "static",
+                 compile: bool | None = None, compact: bool = True) -> list[list[int]]:
     """Each prompt's response ids, up to and including EOS (no padding)."""
     steps = list(decode_steps(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              generator=generator))
+                              generator=generator, engine=engine, compile=compile, compact=compact))
     responses = []
     for row in torch.stack(steps, dim=1).tolist():
         resp = []

@@ -1,0 +1,157 @@
+"""The rollout engine (static KV cache, in-place mask, compaction of finished rows) against transformers'
+``model.generate`` and our previous dynamic-cache path; seeded sampling; a LoRA policy decodes unmerged."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from llama2_align.generation import decode_steps, generate_ids
+from llama2_align.model import LoraSettings, build_model, merge_lora
+
+torch.set_num_threads(1)
+
+VOCAB = 512
+PAD, BOS = 0, 1
+MAX_NEW = 20
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model("tiny", "policy", vocab_size=VOCAB, device="cpu", dtype="fp32", seed=0)
+
+
+def _prompts(n: int = 6, seed: int = 1, lengths=(5, 9, 3, 12, 7, 1)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[BOS] + torch.randint(3, VOCAB, (lengths[i % len(lengths)] - 1,), generator=g).tolist()
+            if lengths[i % len(lengths)] > 1 else [BOS] for i in range(n)]
+
+
+def _hf_greedy(model, prompts, eos: int, max_new: int = MAX_NEW) -> list[list[int]]:
+    """transformers' own generate on the same left-padded batch, cut like ours (through EOS, no padding)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        att[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=att, do_sample=False, max_new_tokens=max_new,
+                             eos_token_id=eos, pad_token_id=PAD)
+    rows = []
+    for row in out[:, width:].tolist():
+        r = []
+        for t in row:
+            r.append(t)
+            if t == eos:
+                break
+        rows.append(r)
+    return rows
+
+
+def _greedy(model, prompts, eos, **kw):
+    return generate_ids(model, prompts, eos_token_id=eos, pad_token_id=PAD, max_new_tokens=MAX_NEW,
+                        temperature=0.0, **kw)
+
+
+def test_greedy_matches_transformers_generate_and_dynamic_path(tiny):
+    prompts = _prompts()
+    eos = 2  # never produced by this model: every row runs to the length limit
+    ours = _greedy(tiny, prompts, eos)
+    assert [len(r) for r in ours] == [MAX_NEW] * len(prompts)
+    assert ours == _hf_greedy(tiny, prompts, eos)
+    assert ours == _greedy(tiny, prompts, eos, engine="dynamic")
+
+
+def test_greedy_with_early_eos_and_compaction_matches(tiny):
+    # Half the prompts end in the same token, so they tend to answer alike: use the commonest early token as EOS so
+    # several rows finish early (more than half: the batch is compacted) and the rest run on.
+    prompts = _prompts(12, seed=3, lengths=(4, 11, 6, 2, 9, 13))
+    probe = _greedy(tiny, prompts, 2)
+    eos = Counter(r[1] for r in probe).most_common(1)[0][0]
+    ours = _greedy(tiny, prompts, eos)
+    finished = sum(r[-1] == eos for r in ours)
+    assert 0 < finished < len(prompts)
+    assert ours == _hf_greedy(tiny, prompts, eos)
+    assert ours == _greedy(tiny, prompts, eos, engine="dynamic")
+    assert ours == _greedy(tiny, prompts, eos, compact=False)
+
+
+def test_compaction_drops_finished_rows(tiny, monkeypatch):
+    """Force most rows to finish at once and check the cache really shrinks while the yielded steps keep the batch."""
+    import llama2_align.generation as G
+
+    prompts = [[BOS, 7, 8, 9]] * 6 + _prompts(2, seed=5)
+    first = _greedy(tiny, prompts, 2)[0]
+    eos = first[0]  # the six identical rows stop at their first token
+    seen_batches: list[int] = []
+    real = G._select_rows
+
+    def spy(cache, rows, device):
+        seen_batches.append(int(rows.numel()))
+        return real(cache, rows, device)
+
+    monkeypatch.setattr(G, "_select_rows", spy)
+    steps = list(decode_steps(tiny, prompts, eos_token_id=eos, pad_token_id=PAD, max_new_tokens=MAX_NEW,
+                              temperature=0.0))
+    assert all(s.shape == (len(prompts),) for s in steps)
+    assert seen_batches and seen_batches[0] == 4 and seen_batches[-1] <= 2
+    ours = _greedy(tiny, prompts, eos)
+    assert all(r == [eos] for r in ours[:6])
+    assert ours == _hf_greedy(tiny, prompts, eos)
+
+
+def test_sampling_is_seeded(tiny):
+    prompts = _prompts(8)
+
+    def sample(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return generate_ids(tiny, prompts, eos_token_id=2, pad_token_id=PAD, max_new_tokens=MAX_NEW,
+                            temperature=1.0, top_p=0.9, generator=g, **kw)
+
+    a, b, c = sample(0), sample(0), sample(1)
+    assert a == b
+    assert a != c
+    # temperature alone (no top-p) too
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    kw = dict(eos_token_id=2, pad_token_id=PAD, max_new_tokens=8, temperature=0.7)
+    assert generate_ids(tiny, prompts, generator=g1, **kw) == generate_ids(tiny, prompts, generator=g2, **kw)
+
+
+def test_lora_policy_generates_with_adapters_active_and_unchanged():
+    policy = build_model("tiny", "policy", vocab_size=VOCAB, device="cpu", dtype="fp32", seed=0,
+                         lora=LoraSettings(enabled=True, r=4, dropout=0.0))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change the answers (lora_B starts at zero)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    prompts = _prompts()
+    ours = _greedy(policy, prompts, 2)
+    merged = merge_lora(copy.deepcopy(policy))
+    assert ours == _greedy(merged, prompts, 2)  # adapters active ...
+    with policy.disable_adapter():
+        base = _greedy(policy, prompts, 2)
+    assert base != ours  # ... and they matter
+    after = policy.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing merged into the policy
+
+
+def test_mode_restored_and_single_prompt_stream(tiny):
+    tiny.train()
+    steps = list(decode_steps(tiny, [[BOS, 5, 6]], eos_token_id=2, pad_token_id=PAD, max_new_tokens=5,
+                              temperature=0.0))
+    assert tiny.training
+    tiny.eval()
+    assert len(steps) == 5 and all(s.shape == (1,) for s in steps)
+    assert [int(s[0]) for s in steps] == _greedy(tiny, [[BOS, 5, 6]], 2)[0][:5]
+
+
+def test_unknown_engine_rejected(tiny):
+    with pytest.raises(ValueError, match="engine"):
+        decode_steps(tiny, [[BOS]], eos_token_id=2, pad_token_id=PAD, max_new_tokens=2, engine="paged")
