@@ -3,7 +3,8 @@
 A `prefect server start` subprocess (own PREFECT_HOME and SQLite database), the `llama2-gpu` process work pool and
 the `gpu` tag concurrency limit, `prefect deploy --all --prefect-file deployments/prefect.yaml`, a `prefect worker
 start` subprocess; then the `rlhf-pipeline` deployment's form schema is checked, a flow run is created from it with
-the demo-micro preset, and its task runs, artifacts and report.json are read back. Every process started here is
+the demo-micro preset, and its task runs, artifacts and report.json are read back; then `rlhf-eval`
+(flows/evaluate.py) runs on the checkpoints it wrote. Every process started here is
 stopped by its pid (SIGINT, then SIGKILL) whatever happens.
 """
 
@@ -108,6 +109,20 @@ def _resolve(schema: dict, node: dict) -> dict:
     return node
 
 
+async def _run_to_end(client, deployment_id, parameters: dict, logs: dict[str, Path]):
+    """What the UI's Run button does: a flow run from the deployment, picked up by the worker; wait for its end."""
+    run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        run = await client.read_flow_run(run.id)
+        if run.state and run.state.is_final():
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"flow run still {run.state.name if run.state else None} after "
+                                 f"{RUN_TIMEOUT_S}s; worker log:\n{logs['worker'].read_text()[-6000:]}")
+        await asyncio.sleep(2)
+
+
 async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> None:
     from prefect.client.orchestration import PrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -133,18 +148,10 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
         assert {"demo-tiny", "demo-micro", "llama2-7b-lora"} <= set(preset["enum"]), preset
         assert dep.parameters["config"]["preset"] == "demo-tiny"
 
-        # What the UI's Run button does: a flow run from the deployment, picked up by the worker.
-        run = await client.create_flow_run_from_deployment(
-            dep.id, parameters={"config": {"preset": "demo-micro", "runs_root": str(runs_root)}})
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while True:
-            run = await client.read_flow_run(run.id)
-            if run.state and run.state.is_final():
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"flow run still {run.state.name if run.state else None} after "
-                                     f"{RUN_TIMEOUT_S}s; worker log:\n{logs['worker'].read_text()[-6000:]}")
-            await asyncio.sleep(2)
+        # The UI's Run button with the quickest preset.
+        run = await _run_to_end(client, dep.id, {"config": {"preset": "demo-micro", "runs_root": str(runs_root)}},
+                                logs)
+        print(f"[e2e] rlhf-pipeline run {run.state.name} in {run.total_run_time.total_seconds():.0f}s")
         assert run.state.is_completed(), (f"flow run ended {run.state.name}: {run.state.message}\n"
                                           f"worker log:\n{logs['worker'].read_text()[-6000:]}")
 
@@ -160,10 +167,21 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
         keys = {a.key for a in artifacts if a.key}
         assert {"rlhf-report", "rlhf-headline", "sft-summary"} <= keys, sorted(keys)
 
-    report = runs_root / "demo" / "report.json"
-    assert report.is_file(), list(runs_root.rglob("*"))[:50]
-    data = json.loads(report.read_text())
-    assert {"stages", "eval"} <= set(data), list(data)
+        report = runs_root / "demo" / "report.json"
+        assert report.is_file(), list(runs_root.rglob("*"))[:50]
+        data = json.loads(report.read_text())
+        assert {"stages", "eval"} <= set(data), list(data)
+
+        # Evaluation alone (flows/evaluate.py) through its deployment, on the checkpoints the pipeline just wrote.
+        run_dir = runs_root / "demo"
+        ev = await client.read_deployment_by_name("evaluate/rlhf-eval")
+        params = {"checkpoints": {"sft": str(run_dir / "sft" / "final"), "ppo": str(run_dir / "ppo" / "final")},
+                  "baseline": "sft", "prompts": str(run_dir / "data" / "eval.jsonl"),
+                  "reward_helpfulness": str(run_dir / "reward-helpfulness" / "final"),
+                  "reward_safety": str(run_dir / "reward-safety" / "final"), "out_dir": str(run_dir / "eval-alone")}
+        run = await _run_to_end(client, ev.id, params, logs)
+        assert run.state.is_completed(), f"rlhf-eval ended {run.state.name}: {run.state.message}"
+        assert (run_dir / "eval-alone" / "result.json").is_file()
 
 
 def test_pipeline_deployment_runs_through_server_and_worker(tmp_path: Path) -> None:
