@@ -8,6 +8,7 @@ every stage's full config, which is what the flow runs and what result.json file
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +66,9 @@ class PipelineConfig(BaseModel):
 
     preset: PipelinePreset = Field("demo-tiny", description="named defaults for every stage")
     run_name: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$", description="the run directory's name")
-    runs_root: str = Field("runs", description="run directories are <runs_root>/<run_name>")
+    runs_root: str = Field(default_factory=lambda: os.environ.get("LLAMA2_ALIGN_RUNS_ROOT", "runs"),
+                           description="run directories are <runs_root>/<run_name> (default: $LLAMA2_ALIGN_RUNS_ROOT "
+                                       "or ./runs)")
     base_model: str | None = Field(None, description="a model preset or a local HF/Meta checkpoint directory")
     data: DataSettings | None = None
     rejection_sampling: bool | None = Field(None, description="run SFT -> RS -> PPO instead of SFT -> PPO")
