@@ -100,7 +100,9 @@ def main() -> None:
         results["direct (stage functions, one process)"] = _run(DIRECT_SIDE, args.preset, base_env)
     if args.only in (None, "prefect"):
         with tempfile.TemporaryDirectory(prefix="bench-prefect-home-") as home:
-            env = {**base_env, "PREFECT_HOME": home}
+            env = {**base_env, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   # a loaded machine can take longer than Prefect's default 20 s to start the ephemeral server
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
             env.pop("PREFECT_API_URL", None)
             results["Prefect (rlhf_pipeline flow)"] = _run(PREFECT_SIDE, args.preset, env)
     rows = [[k, v["process_s"], v["import_s"], v["pipeline_s"]] for k, v in results.items()]
