@@ -30,6 +30,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel, ValidationError
 
 from llama2_align.data import DataValidationError
+from llama2_align.launch import launch_stage, should_launch
 from llama2_align.stages.common import RESULT_FILE, StageResult, input_fingerprints
 from llama2_align.stages.training import TrainStageConfig, halve_micro_batch
 
@@ -66,7 +67,8 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def is_validation_error(exc: BaseException) -> bool:
-    return isinstance(exc, VALIDATION_ERRORS)
+    # a stage launched under torchrun whose rank refused its inputs fails as a LaunchError (a RuntimeError)
+    return isinstance(exc, VALIDATION_ERRORS) or bool(getattr(exc, "validation_error", False))
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -219,9 +221,15 @@ def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs:
     logger = get_run_logger()
     progress = PrefectProgress(stage, logger)
     logger.info(f"{stage}: inputs {inputs.model_dump()} -> {out_dir}")
+
+    def call(cfg):
+        if should_launch(cfg):  # several processes: torchrun as a subprocess; an OOM in it reads "CUDA out of memory"
+            return launch_stage(run_fn.__name__.removeprefix("run_").replace("_", "-"), cfg, inputs, out_dir,
+                                cfg.num_processes, log=logger.info, progress=progress)
+        return run_fn(cfg, inputs, out_dir, progress=progress)
+
     try:
-        result, used = run_with_oom_backoff(lambda cfg: run_fn(cfg, inputs, out_dir, progress=progress), config,
-                                            warn=logger.warning, stage=stage)
+        result, used = run_with_oom_backoff(call, config, warn=logger.warning, stage=stage)
     except Exception as exc:
         if is_validation_error(exc):
             logger.error(f"{stage}: refused its inputs (not retried): {exc}")

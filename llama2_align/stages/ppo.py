@@ -441,7 +441,7 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
                     _average_gradients(params)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
-            if cfg.target_kl is not None and float(_all_mean(torch.tensor(stats["approx_kl"]).mean())) > cfg.target_kl:
+            if cfg.target_kl is not None and float(_all_mean(torch.tensor(stats["approx_kl"], device=device).mean())) > cfg.target_kl:
                 stop = True
                 break
         t_optim = t_o.elapsed
@@ -461,12 +461,7 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
             "reward_combined": g(rc),
             "reward_score": g(score),
             "kl_ref": g(seq_kl),
-            "entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-            "clip_frac": sum(stats["clip_frac"]) / len(stats["clip_frac"]),
-            "approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
-            "policy_loss": sum(stats["policy_loss"]) / len(stats["policy_loss"]),
-            "value_loss": sum(stats["value_loss"]) / len(stats["value_loss"]),
-            "value_clip_frac": sum(stats["value_clip_frac"]) / len(stats["value_clip_frac"]),
+            **{k: g(torch.tensor(v, device=device)) for k, v in stats.items()},  # all ranks, not rank 0's
             "explained_variance": core.explained_variance(old_values, returns, batch.mask),
             "response_length": g(batch.mask.sum(1)),
             "no_eos_frac": g((~finished).float()),

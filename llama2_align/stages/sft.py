@@ -122,8 +122,11 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
         final_metrics["train_loss_last"] = losses[-1]
     if val_ds is not None:
         vals = [(r["step"], r["eval_loss"]) for r in logs if "eval_loss" in r]
-        if vals and vals[-1][0] == trainer.state.global_step:
-            final_metrics["val_loss"] = vals[-1][1]  # already evaluated at the last step
+        # Decide from the trainer's own log history (the same on every rank, unlike metrics.jsonl which only rank 0
+        # reads): under torchrun evaluate() is a collective, so all ranks must call it or none.
+        evals = [(r["step"], r["eval_loss"]) for r in trainer.state.log_history if "eval_loss" in r]
+        if evals and evals[-1][0] == trainer.state.global_step:
+            final_metrics["val_loss"] = float(evals[-1][1])  # already evaluated at the last step
         else:
             final_metrics["val_loss"] = float(trainer.evaluate()["eval_loss"])
         if vals:

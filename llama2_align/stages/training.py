@@ -127,6 +127,10 @@ def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has
     )
     if config.lr_scheduler == "cosine_with_min_lr":
         kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": config.min_lr_ratio}
+    if ws > 1:
+        # Every parameter takes part in the loss (LoRA's frozen base has no gradients at all): skip DDP's extra
+        # search for unused parameters, which transformers turns on by default without gradient checkpointing.
+        kwargs["ddp_find_unused_parameters"] = False
     if config.fsdp and ws > 1:
         kwargs["fsdp"] = "full_shard auto_wrap"
         kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
@@ -142,6 +146,7 @@ class AtomicCheckpoints:
         name = f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()  # other ranks write their RNG state there: not before it is cleared
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
