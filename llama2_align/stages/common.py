@@ -136,6 +136,7 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
         "device": describe_device(device),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "host": platform.node(),
+        "pid": os.getpid(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
