@@ -373,7 +373,7 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
             old_logp, ref_logp, old_values = [], [], []
             policy.eval()
             value.eval()
-            for c in _in_chunks(batch.n, cfg.micro_batch_size):
+            for c in _in_chunks(batch.n, cfg.score_batch_size):  # no graph: the largest batch that fits
                 sub = _sub(batch, c)
                 lp, _, logits = policy_forward(policy, sub)
                 _check_finite(it, policy_logits=logits)
