@@ -87,26 +87,9 @@ def _memory(n_bytes: int) -> str:
 
 
 def _format_preset_table(info: dict) -> str:
-    """The library's table when model.py has one; this fallback otherwise (same rows)."""
-    from . import model
+    from .model import format_preset_table
 
-    if hasattr(model, "format_preset_table"):
-        return model.format_preset_table(info)
-    rows = [
-        ("preset", info["preset"]),
-        ("hidden size", f"{info['hidden_size']:,}"),
-        ("layers", f"{info['num_layers']:,}"),
-        ("heads", f"{info['num_heads']:,} (head dim {info['head_dim']})"),
-        ("kv heads", f"{info['num_kv_heads']:,}"),
-        ("attention", info["attention"]),
-        ("ffn size", f"{info['ffn_size']:,}"),
-        ("vocab", f"{info['vocab_size']:,}"),
-        ("context", f"{info['context_length']:,}"),
-        ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})"),
-        ("weights bf16", f"{info['weights_bf16_gib']:,} GiB"),
-    ]
-    width = max(len(k) for k, _ in rows) + 2
-    return "\n".join(f"{k:<{width}}{v}" for k, v in rows)
+    return format_preset_table(info)
 
 
 @app.command("model-info", rich_help_panel=MODEL_PANEL, epilog=EXIT_CODES_HELP)

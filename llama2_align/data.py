@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Annotated, Any, Iterable, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
+
+from .io import atomic_write
 
 __all__ = [
     "KINDS",
@@ -601,28 +602,6 @@ def _as_dict(record: Any) -> dict:
     raise TypeError(f"cannot write {type(record).__name__}; give dicts or record models")
 
 
-def _atomic_write(path: str | os.PathLike, write, mode: str = "w") -> Path:
-    """Write through a temp file in the same directory, then os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if "b" not in mode else {})) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def write_jsonl(records: Iterable[Record | dict], path: str | os.PathLike) -> Path:
     """Write records (models or dicts) as UTF-8 JSONL, atomically; creates parent directories.
 
@@ -633,7 +612,7 @@ def write_jsonl(records: Iterable[Record | dict], path: str | os.PathLike) -> Pa
         for record in records:
             fh.write(json.dumps(_as_dict(record), ensure_ascii=False) + "\n")
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def write_parquet(records: Iterable[Record | dict], path: str | os.PathLike) -> Path:
@@ -644,7 +623,7 @@ def write_parquet(records: Iterable[Record | dict], path: str | os.PathLike) -> 
     rows = [_as_dict(r) for r in records]
     columns = list(dict.fromkeys(key for row in rows for key in row))
     table = pa.table({c: pa.array([row.get(c) for row in rows]) for c in columns})
-    return _atomic_write(path, lambda fh: pq.write_table(table, fh), mode="wb")
+    return atomic_write(path, lambda fh: pq.write_table(table, fh), mode="wb")
 
 
 def export_json_schemas(out_dir: str | os.PathLike) -> list[Path]:
@@ -657,7 +636,7 @@ def export_json_schemas(out_dir: str | os.PathLike) -> list[Path]:
     for kind, model in RECORD_MODELS.items():
         schema = model.model_json_schema()
         text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
-        paths.append(_atomic_write(Path(out_dir) / f"{kind}.schema.json", lambda fh, t=text: fh.write(t)))
+        paths.append(atomic_write(Path(out_dir) / f"{kind}.schema.json", lambda fh, t=text: fh.write(t)))
     return paths
 
 

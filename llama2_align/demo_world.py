@@ -57,10 +57,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -724,23 +722,10 @@ def generate_demo_world(seed: int = 0, sizes: DemoSizes = DemoSizes()) -> DemoWo
 
 
 def _write_jsonl_atomic(records: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    from .io import atomic_write
+
+    return atomic_write(path, lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
+                                                        for r in records))
 
 
 def write_demo_datasets(out_dir, seed: int = 0, sizes: DemoSizes = DemoSizes()) -> dict[str, Path]:

@@ -15,7 +15,6 @@ writes. Every piece of the reward switches off in config, for the paper's ablati
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 from typing import Literal
@@ -28,10 +27,10 @@ from ..chat import encode_prompt
 from ..data import read_records
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
-from ..model import (LoraSettings, Reference, adapter_base, build_model, build_reference, freeze, is_peft, merge_lora,
-                     read_model_meta, save_model, source_kind, unwrap)
+from ..model import (LoraSettings, Reference, adapter_base, build_model, build_reference, is_peft, save_model,
+                     source_kind, unwrap)
 from ..tokenizer import load_tokenizer
-from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, checkpoints, input_fingerprints,
+from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints,
                      is_main_process, latest_checkpoint, load_result, provenance, prune_checkpoints,
                      truncate_metrics, write_result)
 from .reward import RewardScorer

@@ -137,7 +137,7 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
 
     artifacts: dict[str, str] = {}
     if is_main_process():
-        final = save_model(trainer.model, out_dir / FINAL_DIR, tokenizer, role="policy",
+        save_model(trainer.model, out_dir / FINAL_DIR, tokenizer, role="policy",
                            base=base_path if is_peft(trainer.model) else None)
         if config.num_samples and val_recs:
             samples = sample_generations(trainer.model, tokenizer, val_recs[: config.num_samples],

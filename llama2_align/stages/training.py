@@ -119,7 +119,7 @@ def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has
         report_to="none",
         disable_tqdm=not (config.progress_bar and is_main_process()),
         dataloader_num_workers=0,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         remove_unused_columns=False,
         use_cpu=device.type == "cpu",
         max_length=config.max_length,
