@@ -267,6 +267,45 @@ def _materialise_buffers(model: nn.Module, config: LlamaConfig) -> None:
         raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")
 
 
+def _adapter_role(path: str | Path) -> str:
+    """The role an adapter was saved for (our meta file, else PEFT's task type)."""
+    role = read_model_meta(path).get("role")
+    if role:
+        return role
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    return "reward" if cfg.get("task_type") == "SEQ_CLS" else "policy"
+
+
+def _same_family(a: str, b: str) -> bool:
+    return (a in SCALAR_ROLES) == (b in SCALAR_ROLES)
+
+
+def _rehead(causal: PreTrainedModel, role: str, seed: int) -> PreTrainedModel:
+    """A causal LM's backbone under a new scalar head (the LM head is dropped, the score head is new)."""
+    config = _prepare_config(causal.config, role)
+    torch.manual_seed(seed)
+    scalar = LlamaForSequenceClassification(config).to(next(causal.parameters()).dtype)
+    scalar.model.load_state_dict(causal.model.state_dict())
+    return scalar
+
+
+def _load_full(source: str | Path, role: str, dtype: torch.dtype, vocab_size: int | None, seed: int,
+               attn_implementation: str) -> PreTrainedModel:
+    """Plain transformers weights for ``role`` from any source; a saved adapter is merged into its base (which may
+    itself be an adapter: a PPO adapter on a LoRA SFT checkpoint), across a change of head when needed."""
+    if source_kind(source) != "adapter":
+        return _load_base(source, role, dtype, vocab_size, seed, attn_implementation)
+    from peft import PeftModel
+
+    saved_as = _adapter_role(source)
+    if not _same_family(saved_as, role):
+        if role not in SCALAR_ROLES:
+            raise ValueError(f"{source}: a {saved_as} adapter cannot become a {role}")
+        return _rehead(_load_full(source, saved_as, dtype, vocab_size, seed, attn_implementation), role, seed)
+    base = _load_full(adapter_base(source), role, dtype, vocab_size, seed, attn_implementation)
+    return PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+
+
 def build_model(
     source: str | Path,
     role: Role = "policy",
@@ -278,25 +317,34 @@ def build_model(
     seed: int = 0,
     gradient_checkpointing: bool = False,
     attn_implementation: str = "sdpa",
+    continue_adapter: bool = True,
 ) -> nn.Module:
     """The one factory for every role.
 
     ``source`` is a preset name (random init, for the demo), an HF-format directory, a Meta-format directory, or a
-    saved LoRA adapter (its base is loaded first). ``lora`` wraps the model in new LoRA adapters (ignored for the
-    reference role: a reference is always frozen). A saved adapter loaded for a trainable role stays trainable.
+    saved LoRA adapter. ``lora`` wraps the model in new LoRA adapters (ignored for the reference role: a reference
+    is always frozen).
+
+    A saved adapter of the same head family is loaded over its base and stays trainable (resume, inference) when
+    ``continue_adapter`` and no new LoRA is asked for. Otherwise (a stage that *starts* from an adapter checkpoint,
+    or a reward/value model made from a LoRA SFT checkpoint) the adapter is merged into its base first, so new
+    adapters sit on top of exactly the input model: with LoRA, "adapters off" is then that model, e.g. the SFT
+    policy as PPO's reference, with one copy of the base in memory.
     """
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     trainable = role != "reference"
+    new_lora = lora is not None and lora.enabled and trainable
 
-    if source_kind(source) == "adapter":
+    if (source_kind(source) == "adapter" and continue_adapter and not new_lora
+            and _same_family(_adapter_role(source), role)):
         from peft import PeftModel
 
-        base = _load_base(adapter_base(source), role, torch_dtype, vocab_size, seed, attn_implementation)
+        base = _load_full(adapter_base(source), role, torch_dtype, vocab_size, seed, attn_implementation)
         model = PeftModel.from_pretrained(base, str(source), is_trainable=trainable)
     else:
-        model = _load_base(source, role, torch_dtype, vocab_size, seed, attn_implementation)
-        if lora is not None and lora.enabled and trainable:
+        model = _load_full(source, role, torch_dtype, vocab_size, seed, attn_implementation)
+        if new_lora:
             from peft import get_peft_model
 
             model = get_peft_model(model, lora.peft_config(role))

@@ -27,8 +27,7 @@ from ..chat import encode_prompt
 from ..data import read_records
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
-from ..model import (LoraSettings, Reference, adapter_base, build_model, build_reference, is_peft, save_model,
-                     source_kind, unwrap)
+from ..model import LoraSettings, build_model, build_reference, is_peft, save_model, unwrap
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints,
                      is_main_process, latest_checkpoint, load_result, provenance, prune_checkpoints,
@@ -228,9 +227,6 @@ def value_forward(model, batch: Batch) -> torch.Tensor:
     return batch.select(values).float()
 
 
-def _full_weights_base(source: str) -> str:
-    return adapter_base(source) if source_kind(source) == "adapter" else source
-
 
 def _check_finite(iteration: int, **tensors) -> None:
     for name, t in tensors.items():
@@ -291,25 +287,21 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
     policy_src = str(resume / "policy") if resume else inputs.policy
     value_src = str(resume / "value") if resume else inputs.reward_helpfulness if cfg.value_init == "helpfulness" \
         else inputs.reward_safety
+    # A fresh start merges an adapter checkpoint first (continue_adapter=False), so new LoRA adapters sit on the
+    # exact SFT policy and "adapters off" is the reference, with no second copy; a resume continues its adapters.
     policy = build_model(policy_src, "policy", lora=None if resume else cfg.lora, dtype=cfg.dtype, seed=cfg.seed,
-                         gradient_checkpointing=cfg.gradient_checkpointing)
-    if is_peft(policy) and source_kind(inputs.policy) == "adapter":
-        # The policy continues the SFT's own adapter, so "adapters off" would be the pre-SFT base, not the SFT
-        # policy: the reference must be a separate frozen copy of the SFT checkpoint.
-        reference = Reference(policy, build_model(inputs.policy, "reference", dtype=cfg.dtype))
-    else:
-        reference = build_reference(policy, inputs.policy, dtype=cfg.dtype)
+                         gradient_checkpointing=cfg.gradient_checkpointing, continue_adapter=bool(resume))
+    reference = build_reference(policy, inputs.policy, dtype=cfg.dtype)
     value_lora = cfg.value_lora if cfg.value_lora is not None else cfg.lora
     value = build_model(value_src, "value", lora=None if resume else value_lora, dtype=cfg.dtype, seed=cfg.seed,
-                        gradient_checkpointing=cfg.gradient_checkpointing)
+                        gradient_checkpointing=cfg.gradient_checkpointing, continue_adapter=bool(resume))
     rm_h = RewardScorer(inputs.reward_helpfulness, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
     rm_s = RewardScorer(inputs.reward_safety, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
     device = next(policy.parameters()).device
-    # The base a saved LoRA policy/value points to: full weights. A model loaded from an adapter keeps training
-    # that adapter, so its base is the adapter's own base (an adapter cannot be the base of another one).
-    policy_base = _full_weights_base(inputs.policy)
-    value_base = _full_weights_base(inputs.reward_helpfulness if cfg.value_init == "helpfulness"
-                                    else inputs.reward_safety)
+    # The base a saved LoRA policy/value points to: the model its new adapters were put on (an adapter directory
+    # is a valid base: loading merges it first).
+    policy_base = inputs.policy
+    value_base = inputs.reward_helpfulness if cfg.value_init == "helpfulness" else inputs.reward_safety
 
     opt_p = _optimizer(policy, cfg.learning_rate, cfg)
     opt_v = _optimizer(value, cfg.value_learning_rate, cfg)

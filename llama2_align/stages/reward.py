@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from ..chat import encode_dialog, prompt_messages
 from ..data import RATINGS, PreferenceRecord, read_records
 from ..io import atomic_write_json, read_jsonl
-from ..model import build_model, freeze, is_peft, read_model_meta, save_model, trainable_parameters
+from ..model import build_model, freeze, is_peft, save_model, trainable_parameters
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints, is_main_process,
                      load_result, provenance, write_result)
@@ -232,10 +232,10 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, out_dir: str | Path, 
     train_recs = mix_training_pairs(train_pool, config)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the SFT checkpoint itself.
     model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=config.dtype, seed=config.seed,
-                        gradient_checkpointing=config.gradient_checkpointing)
-    # A LoRA RM points at the plain SFT weights it was trained on.
-    base = read_model_meta(inputs.sft_model).get("base") or inputs.sft_model
+                        gradient_checkpointing=config.gradient_checkpointing, continue_adapter=False)
+    base = inputs.sft_model
     train_ds = Dataset.from_list(tokenize_pairs(tokenizer, train_recs, config.margin))
     eval_recs = [r for r in heldout if r.category == config.kind][:256]
     eval_ds = Dataset.from_list(tokenize_pairs(tokenizer, eval_recs, config.margin)) if eval_recs else None

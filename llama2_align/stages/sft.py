@@ -94,13 +94,19 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
     train_recs, val_recs = _split(records, config.val_fraction, config.max_val_examples, config.seed)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(inputs.base, "policy", lora=config.lora, dtype=config.dtype, vocab_size=len(tokenizer),
-                        seed=config.seed, gradient_checkpointing=config.gradient_checkpointing)
     base_path = inputs.base
-    if is_peft(model) and is_preset(inputs.base):
+    if config.lora.enabled and is_preset(inputs.base):
+        # LoRA adapters need a base on disk to point to: write the preset's initial weights once, before any adapter
+        # is attached (saving a wrapped model would write LoRA-renamed weights).
         base_path = str(out_dir / BASE_DIR)
         if is_main_process() and not Path(base_path).exists():
-            save_model(model.get_base_model(), base_path, tokenizer, role="policy")
+            save_model(build_model(inputs.base, "policy", dtype=config.dtype, vocab_size=len(tokenizer),
+                                   seed=config.seed, device="cpu"), base_path, tokenizer, role="policy")
+        _barrier()
+    # An adapter checkpoint as the base (rejection sampling after a LoRA SFT) is merged first.
+    model = build_model(base_path, "policy", lora=config.lora, dtype=config.dtype, vocab_size=len(tokenizer),
+                        seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+                        continue_adapter=False)
 
     train_ds = Dataset.from_list(tokenize_dialogues(tokenizer, train_recs))
     val_ds = Dataset.from_list(tokenize_dialogues(tokenizer, val_recs)) if val_recs else None
@@ -161,6 +167,13 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
         provenance={**provenance(), "resumed_from": resume},
     )
     return write_result(result)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def sample_generations(model, tokenizer, records, max_new_tokens: int, seed: int) -> list[dict]:
