@@ -11,6 +11,7 @@ in report.json; a re-run with the same parameters is served from the cache for e
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -43,6 +44,17 @@ def _say(msg: str) -> None:
         get_run_logger().info(msg)
     except Exception:
         pass
+
+
+def _reward_models_concurrently(config: PipelineConfig) -> bool:
+    """Both reward models at once (two worker processes) on a GPU machine or a CPU with cores to spare; one after
+    the other in this process on a small CPU, where two trainers only fight over the cores (and each worker process
+    pays its own start-up)."""
+    if config.concurrent_reward_models is not None:
+        return config.concurrent_reward_models
+    import torch
+
+    return torch.cuda.is_available() or (os.cpu_count() or 1) >= 8
 
 
 def _data_paths(cfg: ResolvedPipeline) -> dict[str, str]:
@@ -88,20 +100,24 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     sft = stage("sft", sft_task, cfg.sft, SFTInputs(base=cfg.base_model, data=data["sft"],
                                                      tokenizer=data["tokenizer"]), str(run / "sft"))
 
-    _say("stage reward-helpfulness + reward-safety: started (concurrently)")
     rm_inputs = RewardInputs(sft_model=sft["final"], data=data["preference"])
-    futures = {kind: reward_task.submit(rcfg, rm_inputs, str(run / f"reward-{kind}"))
-               for kind, rcfg in (("helpfulness", cfg.reward_helpfulness), ("safety", cfg.reward_safety))}
-    wait(list(futures.values()))
-    for kind, fut in futures.items():
-        name = f"reward-{kind}"
-        try:
-            results[name] = fut.result()
-        except Exception as exc:
-            results[name] = {"status": "failed", "error": str(exc)[:2000]}
-            _fail(name, exc)
-        acc = results[name]["metrics"].get("accuracy")
-        _say(f"stage {name}: done in {results[name]['duration_s']:.1f}s, held-out accuracy {acc}")
+    rm_configs = (("helpfulness", cfg.reward_helpfulness), ("safety", cfg.reward_safety))
+    if _reward_models_concurrently(config):
+        _say("stage reward-helpfulness + reward-safety: started (concurrently)")
+        futures = {kind: reward_task.submit(rcfg, rm_inputs, str(run / f"reward-{kind}")) for kind, rcfg in rm_configs}
+        wait(list(futures.values()))
+        for kind, fut in futures.items():
+            name = f"reward-{kind}"
+            try:
+                results[name] = fut.result()
+            except Exception as exc:
+                results[name] = {"status": "failed", "error": str(exc)[:2000]}
+                _fail(name, exc)
+            acc = results[name]["metrics"].get("accuracy")
+            _say(f"stage {name}: done in {results[name]['duration_s']:.1f}s, held-out accuracy {acc}")
+    else:
+        for kind, rcfg in rm_configs:
+            stage(f"reward-{kind}", reward_task, rcfg, rm_inputs, str(run / f"reward-{kind}"))
     rm_h, rm_s = results["reward-helpfulness"]["final"], results["reward-safety"]["final"]
 
     policy = sft["final"]

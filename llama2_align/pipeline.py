@@ -72,6 +72,8 @@ class PipelineConfig(BaseModel):
     base_model: str | None = Field(None, description="a model preset or a local HF/Meta checkpoint directory")
     data: DataSettings | None = None
     rejection_sampling: bool | None = Field(None, description="run SFT -> RS -> PPO instead of SFT -> PPO")
+    concurrent_reward_models: bool | None = Field(
+        None, description="train both reward models at once (default: on a GPU machine or a CPU with >= 8 cores)")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description='e.g. {"ppo.iterations": 50, "sft.learning_rate": 1e-5}')
 
