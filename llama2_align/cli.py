@@ -283,10 +283,20 @@ def run(
     except (ValidationError, ValueError) as err:
         fail(f"invalid pipeline config: {err}", EXIT_USAGE)
 
+    import os
+
+    # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
+    # 20 s wait for its embedded server on a first run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import rlhf_pipeline
 
     result = rlhf_pipeline(config=pipeline_config)
-    typer.echo(f"report: {result['report_md']}")
+    typer.echo(f"report: {result['report_md']} (and report.json beside it)")
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.echo(f"artifacts (summaries, metrics, curves, samples, the report) are in the Prefect database under "
+                   f"{os.environ.get('PREFECT_HOME', '~/.prefect')}: `make server`, then open http://127.0.0.1:4200 "
+                   "(Runs -> rlhf-pipeline -> Artifacts)")
 
 
 @app.command("eval", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
