@@ -111,6 +111,7 @@ def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has
         save_steps=config.save_steps,
         save_total_limit=config.keep_checkpoints,
         eval_strategy="steps" if has_eval else "no",
+        eval_on_start=has_eval,  # the held-out loss before any training: the curve's first point
         eval_steps=config.eval_steps,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

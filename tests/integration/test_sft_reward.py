@@ -1,0 +1,112 @@
+"""SFT and reward models on the micro demo world: learning, the margin loss inside TRL, and SFT resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_sft_validation_loss_falls(sft_dir):
+    metrics = json.loads((sft_dir / "result.json").read_text())["metrics"]
+    assert metrics["train_loss_last"] < 0.6 * metrics["train_loss_first"]
+    assert metrics["val_loss"] < metrics["val_loss_first"]
+
+
+def test_helpfulness_rm_beats_chance_on_significantly_better_pairs(rm_dirs):
+    metrics = json.loads((rm_dirs["helpfulness"] / "result.json").read_text())["metrics"]
+    table = metrics["accuracy_table"]
+    assert table["helpfulness"]["significantly_better"] >= 0.65, table
+    assert metrics["heldout_counts"]["helpfulness"]["significantly_better"] >= 5
+    assert "unsafe_recall" in json.loads((rm_dirs["safety"] / "result.json").read_text())["metrics"]
+
+
+def test_margin_loss_inside_trl_matches_hand_computed(tokenizer_dir):
+    """The loss TRL's RewardTrainer computes on our tokenized pairs is -log σ(r_c - r_r - m(rating))."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    from llama2_align.data import validate_records
+    from llama2_align.model import build_model
+    from llama2_align.stages.reward import tokenize_pairs
+    from llama2_align.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    recs = validate_records([
+        {"prompt": "What is 3 plus 4?", "chosen": "7", "rejected": "9", "rating": "significantly_better",
+         "category": "helpfulness"},
+        {"prompt": "Say the word river.", "chosen": "river", "rejected": "River.", "rating": "slightly_better",
+         "category": "helpfulness"}], "preference")
+    rows = tokenize_pairs(tok, recs, "small")
+    assert [r["margin"] for r in rows] == pytest.approx([1.0, 1 / 3])
+    model = build_model("micro", "reward", vocab_size=len(tok), device="cpu", dtype="fp32")
+    trainer = RewardTrainer(model=model, args=RewardConfig(output_dir="/tmp/unused-rm", report_to="none",
+                                                           use_cpu=True),
+                            train_dataset=Dataset.from_list(rows), processing_class=tok)
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(rows)
+    chosen, rejected = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
+
+    def stub(**inputs):
+        return SimpleNamespace(logits=torch.cat([chosen, rejected]).unsqueeze(-1))
+
+    loss = trainer.compute_loss(stub, dict(batch))
+    expected = (-math.log(1 / (1 + math.exp(-(2.0 - 1.0 - 1.0)))) - math.log(1 / (1 + math.exp(-(0.5 - 1.5 - 1 / 3))))) / 2
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+RESUME_SCRIPT = r"""
+import sys, torch
+torch.set_num_threads(1)
+from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft, sft_config_for
+cfg = SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": 40, "batch_size": 8,
+                                "micro_batch_size": 8, "logging_steps": 1, "save_steps": 5, "eval_steps": 1000,
+                                "num_samples": 0, "progress_bar": False, "keep_checkpoints": 3})
+run_sft(cfg, SFTInputs(base="micro", data=sys.argv[1], tokenizer=sys.argv[2]), sys.argv[3])
+"""
+
+
+def test_sft_resumes_after_sigkill(tmp_path, demo_world_dir, tokenizer_dir):
+    """A real process killed after its first checkpoint; the rerun resumes there and trains no step twice."""
+    from llama2_align.stages.common import checkpoints
+    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft, sft_config_for
+
+    out = tmp_path / "sft"
+    args = [str(demo_world_dir / "sft.jsonl"), str(tokenizer_dir), str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, *args], env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not checkpoints(out) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert checkpoints(out), "no checkpoint appeared before the deadline"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (out / "result.json").exists()
+    resumed_from = checkpoints(out)[-1]
+    assert resumed_from[0] < 40
+
+    torch.set_num_threads(1)
+    cfg = SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": 40, "batch_size": 8,
+                                    "micro_batch_size": 8, "logging_steps": 1, "save_steps": 5, "eval_steps": 1000,
+                                    "num_samples": 0, "progress_bar": False, "keep_checkpoints": 3})
+    result = run_sft(cfg, SFTInputs(base="micro", data=args[0], tokenizer=args[1]), out)
+    assert result.steps == 40
+    assert result.provenance["resumed_from"].endswith(resumed_from[1].name)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 41)), steps  # every step logged exactly once: none trained twice, none lost
