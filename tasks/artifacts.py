@@ -140,6 +140,11 @@ def publish_stage_artifacts(result: StageResult) -> dict[str, str]:
     if png is not None:
         create_markdown_artifact(curves_markdown(result, png), key=key("curves"),
                                  description=f"{stage}: training curves")
+    for name, rel in result.artifacts.items():  # other plots a stage writes (e.g. the RS reward distribution)
+        png = _stage_file(result, name)
+        if name != "curves" and png is not None and png.suffix == ".png":
+            create_markdown_artifact(f"# {stage}: {name.replace('_', ' ')}\n\n![{name}]({png_data_uri(png)})\n",
+                                     key=key(name), description=f"{stage}: {name.replace('_', ' ')}")
     samples = _stage_file(result, "samples")
     if samples is not None:
         create_table_artifact(sample_rows(json.loads(samples.read_text())), key=key("samples"),

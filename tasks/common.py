@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -176,8 +177,25 @@ def stage_cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> s
                            parameters["out_dir"])
 
 
-# The options every stage task shares (spread into ``@task(...)``).
+GPU_TAG = "gpu"
+
+
+def gpu_tags() -> list[str]:
+    """``["gpu"]`` for the heavy stage tasks where a worker's one-task-per-GPU concurrency limit should apply: when
+    ``LLAMA2_ALIGN_GPU_TAG=1`` (the deployments' job environment sets it) or, unless it is ``0``, when a GPU is
+    visible. Off for the embedded CPU demo: each tagged task run asks the API for a concurrency slot (about 1 s a
+    task here) even when no limit exists."""
+    flag = os.environ.get("LLAMA2_ALIGN_GPU_TAG")
+    if flag in ("0", "1"):
+        return [GPU_TAG] if flag == "1" else []
+    import torch
+
+    return [GPU_TAG] if torch.cuda.is_available() else []
+
+
+# The options every stage task shares (spread into ``@task(...)``); read when the task modules are imported.
 STAGE_TASK_OPTIONS: dict[str, Any] = dict(
+    tags=gpu_tags(),
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAY_S,
     retry_condition_fn=retry_transient,

@@ -10,7 +10,7 @@ from llama2_align.stages.evaluate import EvalConfig, EvalInputs, run_eval
 from .common import STAGE_TASK_OPTIONS, run_stage
 
 
-@task(name="eval", task_run_name="eval", tags=["gpu"], **STAGE_TASK_OPTIONS)
+@task(name="eval", task_run_name="eval", **STAGE_TASK_OPTIONS)
 def eval_task(config: EvalConfig, inputs: EvalInputs, out_dir: str) -> dict:
     """Evaluate every checkpoint in ``inputs.checkpoints`` against ``inputs.baseline`` into ``out_dir``."""
     return run_stage("eval", run_eval, config, inputs, out_dir)

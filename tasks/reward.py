@@ -10,7 +10,7 @@ from llama2_align.stages.reward import RewardConfig, RewardInputs, run_reward
 from .common import STAGE_TASK_OPTIONS, run_stage
 
 
-@task(name="reward", task_run_name="reward-{config.kind}", tags=["gpu"], **STAGE_TASK_OPTIONS)
+@task(name="reward", task_run_name="reward-{config.kind}", **STAGE_TASK_OPTIONS)
 def reward_task(config: RewardConfig, inputs: RewardInputs, out_dir: str) -> dict:
     """Train one reward model into ``out_dir``; the result's metrics hold the held-out accuracy table."""
     _share_cpu_cores()

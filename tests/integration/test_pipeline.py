@@ -72,3 +72,21 @@ def test_pipeline_names_the_failing_stage(prefect_server, tmp_path):
     report = json.loads((tmp_path / "bad" / "report.json").read_text())
     assert report["stages"]["sft"]["status"] == "failed"
     assert "ppo" not in report["stages"]
+
+
+def test_pipeline_with_rejection_sampling(prefect_server, tmp_path):
+    """SFT -> RS -> PPO: the RS stage runs, its model feeds PPO, and evaluation covers sft, rs and ppo."""
+    from flows.pipeline import rlhf_pipeline
+    from llama2_align.pipeline import PipelineConfig
+
+    cfg = PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="rs", rejection_sampling=True,
+                         overrides={"rejection_sampling.max_prompts": 16, "rejection_sampling.k": 2})
+    state = rlhf_pipeline(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    report = json.loads((tmp_path / "rs" / "report.json").read_text())
+    assert report["stages"]["rejection-sampling"]["status"] == "completed"
+    assert set(report["eval"]) == {"sft", "rs", "ppo"}
+    ppo_inputs = json.loads((tmp_path / "rs" / "ppo" / "result.json").read_text())["inputs"]
+    assert ppo_inputs["policy"]["path"].endswith("rejection-sampling/final")
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["rejection-sampling"] == "Completed"
