@@ -20,6 +20,7 @@ import gc
 import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -208,12 +209,16 @@ STAGE_TASK_OPTIONS: dict[str, Any] = dict(
 # Progress and the task body
 # --------------------------------------------------------------------------------------------------------------------
 
+PROGRESS_EVERY_S = 5.0
+
+
 class PrefectProgress:
     """The library's ``progress`` callback: a log line per logged step and a progress artifact."""
 
     def __init__(self, stage: str, logger=None):
         self.stage = stage
         self.logger = logger or get_run_logger()
+        self._last_update = float("-inf")
         self.artifact_id = create_progress_artifact(0.0, key=artifact_key(stage, "progress"),
                                                     description=f"{stage}: training progress")
 
@@ -222,7 +227,11 @@ class PrefectProgress:
         metrics = {k: v for k, v in (event.get("metrics") or {}).items() if k not in ("step",)}
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         self.logger.info(f"{self.stage} step {step}/{total or '?'} {shown}")
-        if total > 0:
+        # The artifact is a synchronous API call: at most one every few seconds (and the last step), so a fast run
+        # does not pay a round trip per logged step.
+        now = time.monotonic()
+        if total > 0 and (now - self._last_update >= PROGRESS_EVERY_S or step >= total):
+            self._last_update = now
             self.update(100.0 * min(step, total) / total, f"{self.stage}: step {step} of {total}")
 
     def update(self, percent: float, description: str | None = None) -> None:
