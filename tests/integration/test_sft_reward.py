@@ -22,11 +22,22 @@ def test_sft_validation_loss_falls(sft_dir):
     assert metrics["val_loss"] < metrics["val_loss_first"]
 
 
-def test_helpfulness_rm_beats_chance_on_significantly_better_pairs(rm_dirs):
-    metrics = json.loads((rm_dirs["helpfulness"] / "result.json").read_text())["metrics"]
-    table = metrics["accuracy_table"]
-    assert table["helpfulness"]["significantly_better"] >= 0.65, table
-    assert metrics["heldout_counts"]["helpfulness"]["significantly_better"] >= 5
+def test_helpfulness_rm_beats_chance_on_significantly_better_pairs(rm_dirs, tmp_path):
+    """Judged on a world generated with another seed (prompts the RM never saw; the micro held-out split has only a
+    handful of significantly-better pairs)."""
+    from llama2_align.data import read_records
+    from llama2_align.demo_world import DemoSizes, write_demo_datasets
+    from llama2_align.stages.reward import RewardScorer, evaluate_pairs
+
+    torch.set_num_threads(1)
+    fresh = write_demo_datasets(tmp_path, seed=7, sizes=DemoSizes.micro())["preference"]
+    pairs = [r for r in read_records(fresh, "preference")
+             if r.category == "helpfulness" and r.rating == "significantly_better"]
+    assert len(pairs) >= 30
+    metrics = evaluate_pairs(RewardScorer(rm_dirs["helpfulness"] / "final", device="cpu", dtype="fp32"), pairs)
+    assert metrics["accuracy"] >= 0.65, metrics["accuracy"]
+    stage = json.loads((rm_dirs["helpfulness"] / "result.json").read_text())["metrics"]
+    assert set(stage["accuracy_table"]) == {"helpfulness", "safety"}
     assert "unsafe_recall" in json.loads((rm_dirs["safety"] / "result.json").read_text())["metrics"]
 
 
