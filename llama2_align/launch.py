@@ -205,6 +205,9 @@ def run_rank(spec_path: str | Path) -> StageResult:
                 kwargs["device_id"] = torch.device("cuda", local_rank)
         if not dist.is_initialized():
             dist.init_process_group(backend, **kwargs)
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        print(f"{spec['stage']}: rank {rank} of {dist.get_world_size()} on {device} ({backend}) -> {out_dir}",
+              flush=True)
         try:
             result = run_fn(config, inputs, out_dir, progress=_print_progress if rank == 0 else None)
             dist.barrier()  # nobody leaves while rank 0 still writes
