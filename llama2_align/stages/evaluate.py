@@ -65,7 +65,9 @@ class EvalInputs(BaseModel):
 
 def eval_config_for(size: str) -> EvalConfig:
     if size in ("micro", "tiny", "small"):
-        return EvalConfig(max_new_tokens=24, temperature=1.0, samples_per_prompt=2, batch_size=128)
+        # Sampled at temperature 1 (greedy would hide the unsafe minority SFT learned), 4 samples per prompt so a
+        # rate moves by ~0.01 from noise rather than ~0.02.
+        return EvalConfig(max_new_tokens=24, temperature=1.0, samples_per_prompt=4, batch_size=128)
     return EvalConfig()
 
 

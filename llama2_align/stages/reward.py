@@ -69,7 +69,8 @@ def reward_config_for(size: str, kind: str) -> RewardConfig:
     if size in ("micro", "tiny", "small"):
         return RewardConfig(kind=kind, learning_rate=1e-3, batch_size=32, micro_batch_size=32, max_length=128,
                             min_warmup_steps=5, logging_steps=10, eval_steps=50, save_steps=100, weight_decay=0.0,
-                            epochs=1.0, score_batch_size=128)
+                            # 2 epochs (the paper: 1): a from-scratch tiny RM is still underfit after one.
+                            epochs=2.0, score_batch_size=128)
     lr = 5e-6 if size == "llama2-70b" else 1e-5
     return RewardConfig(kind=kind, learning_rate=lr, micro_batch_size=4 if size != "llama2-70b" else 1,
                         gradient_checkpointing=True)
