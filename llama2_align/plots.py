@@ -17,8 +17,6 @@ def plot_curves(rows: Sequence[dict], keys: Sequence[str], out_png: str | Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write_bytes
-
     fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False)
     for ax, key in zip(axes[0], present):
         pts = [(r[x], r[key]) for r in rows if key in r and x in r]
@@ -28,13 +26,7 @@ def plot_curves(rows: Sequence[dict], keys: Sequence[str], out_png: str | Path, 
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return atomic_write_bytes(out_png, buf.getvalue())
+    return _write_png(fig, out_png)
 
 
 def plot_histograms(series: dict[str, list[float]], out_png: str | Path, title: str = "") -> Path | None:
@@ -47,8 +39,6 @@ def plot_histograms(series: dict[str, list[float]], out_png: str | Path, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from .io import atomic_write_bytes
 
     lo = min(min(v) for v in present.values())
     hi = max(max(v) for v in present.values())
@@ -64,9 +54,18 @@ def plot_histograms(series: dict[str, list[float]], out_png: str | Path, title: 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    return _write_png(fig, out_png)
+
+
+def _write_png(fig, out_png: str | Path) -> Path:
+    """Lay out, render and write a figure atomically, then free it."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write_bytes
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)

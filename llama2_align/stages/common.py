@@ -53,6 +53,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def barrier() -> None:
+    """Wait for every rank under torchrun (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def load_result(out_dir: str | Path) -> StageResult | None:
     """The stage's result if it completed (result.json exists), else None."""
     path = Path(out_dir) / RESULT_FILE

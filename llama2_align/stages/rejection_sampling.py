@@ -30,8 +30,8 @@ from ..generation import GenerationSettings, generate
 from ..io import atomic_dir, atomic_write_json
 from ..model import build_model, freeze
 from ..tokenizer import load_tokenizer
-from .common import (FINAL_DIR, ProgressFn, StageResult, Timer, input_fingerprints, is_main_process, load_result,
-                     provenance, write_result)
+from .common import (FINAL_DIR, ProgressFn, StageResult, Timer, barrier, input_fingerprints, is_main_process,
+                     load_result, provenance, write_result)
 from .reward import RewardScorer
 from .sft import SFTConfig, SFTInputs, run_sft, sft_config_for
 
@@ -198,7 +198,7 @@ def run_rejection_sampling(config: RejectionSamplingConfig, inputs: RSInputs, ou
                       "messages": p["messages"] + [{"role": "assistant",
                                                     "content": p["samples"][p["kept"]]["response"].strip()}]}
                      for p in kept], kept_path)
-    _barrier()
+    barrier()
 
     # Fine-tune on the kept samples: the SFT stage itself, in its own resumable directory.
     sft_result = run_sft(config.sft, SFTInputs(base=inputs.policy, data=str(kept_path), tokenizer=inputs.policy),
@@ -239,9 +239,3 @@ def run_rejection_sampling(config: RejectionSamplingConfig, inputs: RSInputs, ou
     )
     return write_result(result)
 
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

@@ -18,8 +18,8 @@ from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json, read_jsonl
 from ..model import build_model, is_peft, is_preset, save_model, trainable_parameters
 from ..tokenizer import load_tokenizer
-from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints, is_main_process,
-                     load_result, provenance, write_result)
+from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, barrier, input_fingerprints,
+                     is_main_process, load_result, provenance, write_result)
 from .training import MetricsCallback, TrainStageConfig, make_trainer, resume_checkpoint, trainer_arguments
 
 BASE_DIR = "base"  # where a preset-initialised base is saved when LoRA adapters need something to point to
@@ -104,7 +104,7 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
         if is_main_process() and not Path(base_path).exists():
             save_model(build_model(inputs.base, "policy", dtype=config.dtype, vocab_size=len(tokenizer),
                                    seed=config.seed, device="cpu"), base_path, tokenizer, role="policy")
-        _barrier()
+        barrier()
     # An adapter checkpoint as the base (rejection sampling after a LoRA SFT) is merged first.
     model = build_model(base_path, "policy", lora=config.lora, dtype=config.dtype, vocab_size=len(tokenizer),
                         seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
@@ -170,12 +170,6 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
     )
     return write_result(result)
 
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def sample_generations(model, tokenizer, records, max_new_tokens: int, seed: int) -> list[dict]:
