@@ -201,7 +201,7 @@ class _StepRunner:
                        logits_to_keep=1).logits[:, -1, :]
 
     def __call__(self, ids, mask, pos, cache) -> torch.Tensor:
-        if self.fn is self._eager:
+        if not self.use_graph:  # (a bound method is a new object on every access: no `self.fn is self._eager`)
             return self._eager(ids, mask, pos, cache)
         try:  # pragma: no cover - CUDA only
             torch.compiler.cudagraph_mark_step_begin()

@@ -155,3 +155,13 @@ def test_mode_restored_and_single_prompt_stream(tiny):
 def test_unknown_engine_rejected(tiny):
     with pytest.raises(ValueError, match="engine"):
         decode_steps(tiny, [[BOS]], eos_token_id=2, pad_token_id=PAD, max_new_tokens=2, engine="paged")
+
+
+def test_cpu_decode_step_is_plain_eager(tiny, monkeypatch):
+    """Off CUDA the step never touches the CUDA-graph machinery: no cudagraph_mark_step_begin (whose first call
+    imports torch._inductor, ~1 s) and no copy of the logits per step."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    out = _greedy(tiny, _prompts(4), eos=-1)
+    assert [len(r) for r in out] == [MAX_NEW] * 4
+    assert calls == []
