@@ -12,7 +12,7 @@ length before truncating at the stop token. Both sides run full fine-tuning of p
 TRL runs as a subprocess in its own virtual environment, bench/.venv-trl, which this script creates on first use:
 ``pip install torch==2.13.0 trl==1.12.0`` (pip resolves transformers). If that fails, the script says why.
 
-    python bench/ppo_vs_trl.py [--iterations 3 --batch 16 --response-length 24 --epochs 1]
+    python bench/ppo_vs_trl.py [--iterations 10 --batch 32 --response-length 24 --epochs 1 --repeat 3]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -127,6 +128,32 @@ def run_ours(models: dict, a) -> dict:
     return {"seconds": dt, "iteration_seconds": iters, "samples": a.batch * a.iterations}
 
 
+def run_ours_fresh(a) -> dict:
+    """One run of ours in a fresh process (as TRL's side: first-call costs are paid every time)."""
+    argv = [sys.executable, __file__, "--_ours-child", "--preset", a.preset, "--iterations", str(a.iterations),
+            "--batch", str(a.batch), "--mini-batch", str(a.mini_batch), "--response-length", str(a.response_length),
+            "--epochs", str(a.epochs), "--lr", str(a.lr)]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=str(ROOT))
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")]
+    if r.returncode or not lines:
+        raise SystemExit(f"our side failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+    return json.loads(lines[-1][6:])
+
+
+def run_trl(py: Path, models: dict, a) -> tuple[dict | None, str]:
+    args = {"policy": models["policy"], "reward": models["reward"], "prompt_ids": prompt_ids_like_ours(models),
+            "batch": a.batch, "mini_batch": a.mini_batch, "iterations": a.iterations,
+            "response_length": a.response_length, "epochs": a.epochs, "lr": a.lr, "out": str(OUT / "trl-run")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_DISABLED="true")
+    r = subprocess.run([str(py), "-c", TRL_SIDE, json.dumps(args)], capture_output=True, text=True, env=env,
+                       cwd=str(OUT))
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")]
+    if r.returncode or not lines:
+        return None, f"TRL {TRL_VERSION}: FAILED (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}"
+    return json.loads(lines[-1][6:]), ""
+
+
 def prompt_ids_like_ours(models: dict) -> list[list[int]]:
     from llama2_align.chat import encode_prompt
     from llama2_align.data import read_records
@@ -145,45 +172,43 @@ def main() -> None:
     ap.add_argument("--response-length", type=int, default=24)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per side (alternating; medians reported)")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--_ours-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from _common import print_table
 
     models = build_models(a.preset, 0)
+    if a._ours_child:
+        print("BENCH " + json.dumps(run_ours(models, a)))
+        return
     print(f"models: {models['policy']} / {models['reward']} ({a.preset}); {a.iterations} iterations x {a.batch} "
-          f"rollouts, response <= {a.response_length} tokens, {a.epochs} PPO epoch(s), mini-batch {a.mini_batch}")
-    ours = run_ours(models, a)
-    rows = [["llama2_align run_ppo (iterations only)", ours["iteration_seconds"],
-             ours["samples"] / ours["iteration_seconds"]],
-            ["llama2_align run_ppo (whole call: loads 5 models, saves)", ours["seconds"],
-             ours["samples"] / ours["seconds"]]]
-    trl_note = ""
-    if not a.skip_trl:
-        py, why = ensure_trl_venv()
-        if py is None:
-            trl_note = f"TRL {TRL_VERSION}: NOT RUN: {why}"
-        else:
-            args = {"policy": models["policy"], "reward": models["reward"], "prompt_ids": prompt_ids_like_ours(models),
-                    "batch": a.batch, "mini_batch": a.mini_batch, "iterations": a.iterations,
-                    "response_length": a.response_length, "epochs": a.epochs, "lr": a.lr,
-                    "out": str(OUT / "trl-run")}
-            env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-            env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_DISABLED="true")
-            r = subprocess.run([str(py), "-c", TRL_SIDE, json.dumps(args)], capture_output=True, text=True, env=env,
-                               cwd=str(OUT))
-            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")]
-            if r.returncode or not lines:
-                trl_note = f"TRL {TRL_VERSION}: FAILED (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}"
-            else:
-                res = json.loads(lines[-1][6:])
-                trl_row = [f"TRL {res['trl']} PPOTrainer", res["seconds"], res["samples"] / res["seconds"]]
-                rows.append(trl_row)
-                rows.append(["ratio, iterations (ours / TRL, samples/s)", "", f"{rows[0][2] / trl_row[2]:.2f}x"])
-                rows.append(["ratio, whole call (ours / TRL, samples/s)", "", f"{rows[1][2] / trl_row[2]:.2f}x"])
-    print_table("PPO on CPU: wall time (ours: the PPO iterations, and the whole run_ppo call; "
-                "TRL: trainer.train(); the ratio compares iterations with train())",
-                ["run", "seconds", "samples/s"], rows)
+          f"rollouts, response <= {a.response_length} tokens, {a.epochs} PPO epoch(s), mini-batch {a.mini_batch}; "
+          f"{a.repeat} run(s) per side, alternating, each in a fresh process; medians")
+    py, why = (None, "skipped (--skip-trl)") if a.skip_trl else ensure_trl_venv()
+    ours_runs, trl_runs, trl_note = [], [], "" if py else f"TRL {TRL_VERSION}: NOT RUN: {why}"
+    for _ in range(a.repeat):
+        ours_runs.append(run_ours_fresh(a))
+        if py is not None and not trl_note:
+            res, trl_note = run_trl(py, models, a)
+            if res is not None:
+                trl_runs.append(res)
+    med = statistics.median
+    it_s, call_s = med(r["iteration_seconds"] for r in ours_runs), med(r["seconds"] for r in ours_runs)
+    samples = ours_runs[0]["samples"]
+    rows = [["llama2_align run_ppo (iterations only)", it_s, samples / it_s],
+            ["llama2_align run_ppo (whole call: loads 5 models, saves)", call_s, samples / call_s]]
+    if trl_runs:
+        trl_s = med(r["seconds"] for r in trl_runs)
+        rows.append([f"TRL {trl_runs[0]['trl']} PPOTrainer.train()", trl_s, trl_runs[0]["samples"] / trl_s])
+        rows.append(["ratio, iterations (ours / TRL, samples/s)", "", f"{rows[0][2] / rows[2][2]:.2f}x"])
+        rows.append(["ratio, whole call (ours / TRL, samples/s)", "", f"{rows[1][2] / rows[2][2]:.2f}x"])
+    print_table("PPO on CPU: wall time, median of the runs (ours: the PPO iterations, and the whole run_ppo call; "
+                "TRL: trainer.train(); the ratios compare both with train())", ["run", "seconds", "samples/s"], rows)
+    print("\nevery run (s): ours iterations " + ", ".join(f"{r['iteration_seconds']:.2f}" for r in ours_runs)
+          + "; ours whole call " + ", ".join(f"{r['seconds']:.2f}" for r in ours_runs)
+          + ("; TRL train() " + ", ".join(f"{r['seconds']:.2f}" for r in trl_runs) if trl_runs else ""))
     if trl_note:
         print("\n" + trl_note)
 

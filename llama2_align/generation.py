@@ -70,22 +70,31 @@ def decode_steps(
     engine: str = "static",
     compile: bool | None = None,
     compact: bool = True,
+    logprobs: list | None = None,
 ) -> Iterator[torch.Tensor]:
     """Decode a batch of prompt ids with a KV cache, yielding each step's next tokens ([B]; padding once a row
     has produced EOS). Prompts are left-padded; position ids skip the padding. Stops when every row has finished.
 
     ``engine``: ``"static"`` (the rollout engine) or ``"dynamic"`` (the previous path). ``compile``: capture the
     decode step in a CUDA graph; ``None`` = on CUDA only (it is never used on CPU). ``compact``: drop finished rows
-    from the batch as they accumulate (the yielded tensors keep the full batch either way)."""
+    from the batch as they accumulate (the yielded tensors keep the full batch either way). ``logprobs``: when a
+    list is given, each step appends the log-probabilities of the yielded tokens ([B] float32, 0 for padding) under
+    the model's untempered distribution, ``log_softmax(logits)`` (what PPO's old policy log-probs are)."""
     if engine == "dynamic":
         return decode_steps_dynamic(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    generator=generator)
+                                    generator=generator, logprobs=logprobs)
     if engine != "static":
         raise ValueError(f"unknown decode engine {engine!r}: expected 'static' or 'dynamic'")
     return _decode_static(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
-                          compile=compile, compact=compact)
+                          compile=compile, compact=compact, logprobs=logprobs)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[token] per row, 0 where the row has finished (its token is padding)."""
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.where(live, lp, torch.zeros_like(lp))
 
 
 @torch.no_grad()
@@ -99,6 +108,7 @@ def decode_steps_dynamic(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    logprobs: list | None = None,
 ) -> Iterator[torch.Tensor]:
     """The previous decode path (transformers' dynamic cache, the 2D mask grown per step), kept as the reference the
     engine is tested and benchmarked against. Same contract as :func:`decode_steps`."""
@@ -122,6 +132,8 @@ def decode_steps_dynamic(
         next_pos = position_ids[:, -1:] + 1
         for step in range(max_new_tokens):
             nxt = _sample_next(logits, temperature, top_p, generator)
+            if logprobs is not None:
+                logprobs.append(_token_logprobs(logits, nxt, ~done))
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             yield nxt
             done |= nxt == eos_token_id
@@ -243,6 +255,7 @@ def _decode_static(
     generator: torch.Generator | None,
     compile: bool | None,
     compact: bool,
+    logprobs: list | None = None,
 ) -> Iterator[torch.Tensor]:
     from transformers import StaticCache
 
@@ -286,10 +299,15 @@ def _decode_static(
         pos_buf = position_ids[:, -1:].clone()
         for step in range(max_new_tokens):
             nxt = _sample_next(logits, temperature, top_p, generator)
+            lp = _token_logprobs(logits, nxt, live) if logprobs is not None else None
             nxt = torch.where(live, nxt, torch.full_like(nxt, pad_token_id))
             if rows.numel() == n:
+                if lp is not None:
+                    logprobs.append(lp)
                 yield nxt
             else:
+                if lp is not None:
+                    logprobs.append(torch.zeros(n, dtype=lp.dtype, device=device).index_copy_(0, rows, lp))
                 full = torch.full((n,), pad_token_id, dtype=nxt.dtype, device=device)
                 full[rows] = nxt
                 yield full
@@ -317,11 +335,15 @@ def _decode_static(
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, eos_token_id: int, pad_token_id: int,
                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  generator: torch.Generator | None = None, engine: str = "static",
-                 compile: bool | None = None, compact: bool = True) -> list[list[int]]:
-    """Each prompt's response ids, up to and including EOS (no padding)."""
+                 compile: bool | None = None, compact: bool = True,
+                 logprobs: list | None = None) -> list[list[int]]:
+    """Each prompt's response ids, up to and including EOS (no padding). With a ``logprobs`` list, one float32
+    tensor per response is appended to it: the log-probability of each response token (see :func:`decode_steps`)."""
+    step_lps: list | None = [] if logprobs is not None else None
     steps = list(decode_steps(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              generator=generator, engine=engine, compile=compile, compact=compact))
+                              generator=generator, engine=engine, compile=compile, compact=compact,
+                              logprobs=step_lps))
     responses = []
     for row in torch.stack(steps, dim=1).tolist():
         resp = []
@@ -330,6 +352,9 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, eos_toke
             if t == eos_token_id:
                 break
         responses.append(resp)
+    if logprobs is not None:
+        lp = torch.stack(step_lps, dim=1)
+        logprobs.extend(lp[i, :len(r)] for i, r in enumerate(responses))
     return responses
 
 

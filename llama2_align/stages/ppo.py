@@ -69,6 +69,11 @@ class PPOConfig(BaseModel):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    rollout_logprobs: bool | None = Field(
+        None, description="take the old policy's log-probs from the rollout (recorded while sampling) instead of a "
+                          "second forward pass over the batch; None = when the policy is float32 (in bf16/fp16 the "
+                          "cached decode and a full forward round differently, so the first epoch's ratio would not "
+                          "start at exactly 1)")
     generation_batch_size: int = Field(64, ge=1)
     score_batch_size: int = Field(64, ge=1)
     # models
@@ -298,6 +303,8 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
     rm_h = RewardScorer(inputs.reward_helpfulness, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
     rm_s = RewardScorer(inputs.reward_safety, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
     device = next(policy.parameters()).device
+    reuse_rollout_logprobs = cfg.rollout_logprobs if cfg.rollout_logprobs is not None else \
+        next(policy.parameters()).dtype == torch.float32
     # The base a saved LoRA policy/value points to: the model its new adapters were put on (an adapter directory
     # is a valid base: loading merges it first).
     policy_base = inputs.policy
@@ -349,11 +356,12 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
         idx = next_prompts()
         # --- 1. rollout -----------------------------------------------------------------------------------
         responses: list[list[int]] = []
+        rollout_lps: list[torch.Tensor] | None = [] if reuse_rollout_logprobs else None
         for s in range(0, len(idx), cfg.generation_batch_size):
             chunk = idx[s:s + cfg.generation_batch_size]
             responses += generate_ids(policy, [prompt_ids[i] for i in chunk], eos_token_id=eos, pad_token_id=pad,
                                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, generator=sampler)
+                                      top_p=cfg.top_p, generator=sampler, logprobs=rollout_lps)
         t_rollout = t_it.elapsed
 
         # --- 2. scoring -----------------------------------------------------------------------------------
@@ -366,14 +374,22 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
             value.eval()
             for c in _in_chunks(batch.n, cfg.score_batch_size):  # no graph: the largest batch that fits
                 sub = _sub(batch, c)
-                lp, _, logits = policy_forward(policy, sub)
-                _check_finite(it, policy_logits=logits)
-                old_logp.append(lp)
+                if rollout_lps is None:
+                    lp, _, logits = policy_forward(policy, sub)
+                    _check_finite(it, policy_logits=logits)
+                    old_logp.append(lp)
                 with reference.model() as ref:
                     rlp, _, _ = policy_forward(ref, sub)
                 ref_logp.append(rlp)
                 old_values.append(value_forward(value, sub))
-            old_logp, ref_logp, old_values = torch.cat(old_logp), torch.cat(ref_logp), torch.cat(old_values)
+            if rollout_lps is not None:
+                old_logp = torch.zeros_like(batch.mask)
+                for i, lp in enumerate(rollout_lps):
+                    old_logp[i, :len(lp)] = lp
+                _check_finite(it, policy_logprobs=old_logp)
+            else:
+                old_logp = torch.cat(old_logp)
+            ref_logp, old_values = torch.cat(ref_logp), torch.cat(old_values)
             full = [prompt_ids[i] + r for i, r in zip(idx, responses)]
             raw_h = rm_h.score_ids(full).to(device)
             raw_s = rm_s.score_ids(full).to(device)

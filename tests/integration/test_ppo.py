@@ -124,6 +124,20 @@ def test_nan_reward_stops_with_the_iteration_and_quantity(tmp_path, ppo_inputs, 
     assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
 
 
+def test_rollout_logprobs_stand_in_for_a_second_forward_pass(tmp_path, ppo_inputs):
+    """fp32: the old log-probs recorded while sampling give the same iteration as recomputing them with a full
+    forward pass (same rollouts, same KL, same losses), so the default may skip that pass."""
+    rows = {}
+    for reuse in (True, False):
+        out = tmp_path / f"reuse-{reuse}"
+        run_ppo(_config(iterations=1, rollout_logprobs=reuse), ppo_inputs, out)
+        rows[reuse] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    a, b = rows[True], rows[False]
+    assert a["reward_combined"] == b["reward_combined"] and a["response_length"] == b["response_length"]
+    for key in ("kl_ref", "policy_loss", "value_loss", "approx_kl", "clip_frac", "entropy"):
+        assert math.isclose(a[key], b[key], rel_tol=1e-3, abs_tol=1e-5), (key, a[key], b[key])
+
+
 RESUME_ITERATIONS = 8
 
 _CHILD = textwrap.dedent("""

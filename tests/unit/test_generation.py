@@ -165,3 +165,23 @@ def test_cpu_decode_step_is_plain_eager(tiny, monkeypatch):
     out = _greedy(tiny, _prompts(4), eos=-1)
     assert [len(r) for r in out] == [MAX_NEW] * 4
     assert calls == []
+
+
+@pytest.mark.parametrize("engine", ["static", "dynamic"])
+def test_rollout_logprobs_equal_a_full_forward(tiny, engine):
+    """The log-probs the engine records while sampling (PPO's old policy log-probs) equal log_softmax of a full
+    forward over prompt + response, for left-padded prompts, rows that stop early and a compacted batch."""
+    prompts = _prompts(12, seed=3, lengths=(4, 11, 6, 2, 9, 13))
+    probe = _greedy(tiny, prompts, 2)
+    eos = Counter(r[1] for r in probe).most_common(1)[0][0]
+    lps: list = []
+    g = torch.Generator().manual_seed(0)
+    out = generate_ids(tiny, prompts, eos_token_id=eos, pad_token_id=PAD, max_new_tokens=MAX_NEW, temperature=0.7,
+                       generator=g, engine=engine, logprobs=lps)
+    assert len(lps) == len(out) and [len(x) for x in lps] == [len(r) for r in out]
+    assert any(r[-1] == eos and len(r) < MAX_NEW for r in out)  # some rows stopped early
+    with torch.no_grad():
+        for p, r, lp in zip(prompts, out, lps):
+            logits = tiny(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+            want = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            torch.testing.assert_close(lp, want, atol=1e-4, rtol=1e-4)
