@@ -257,6 +257,15 @@ def run(
         "--rejection-sampling/--no-rejection-sampling", help="SFT -> RS -> PPO instead of SFT -> PPO.")] = None,
 ) -> None:
     """Run the whole pipeline (the rlhf-pipeline flow): data, tokenizer, SFT, both reward models, PPO, eval, report."""
+    import os
+
+    # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
+    # 20 s wait for its embedded server on a first run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows import local_api
+
+    local_api.start_early()  # the local API server (when no API URL is set) starts while torch imports
     from pydantic import ValidationError
 
     from .pipeline import PipelineConfig, load_config_file, parse_override, resolve
@@ -283,17 +292,12 @@ def run(
     except (ValidationError, ValueError) as err:
         fail(f"invalid pipeline config: {err}", EXIT_USAGE)
 
-    import os
-
-    # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
-    # 20 s wait for its embedded server on a first run.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import rlhf_pipeline
 
+    local_api.adopt()
     result = rlhf_pipeline(config=pipeline_config)
     typer.echo(f"report: {result['report_md']} (and report.json beside it)")
-    if not os.environ.get("PREFECT_API_URL"):
+    if local_api.adopted() or not os.environ.get("PREFECT_API_URL"):
         typer.echo(f"artifacts (summaries, metrics, curves, samples, the report) are in the Prefect database under "
                    f"{os.environ.get('PREFECT_HOME', '~/.prefect')}: `make server`, then open http://127.0.0.1:4200 "
                    "(Runs -> rlhf-pipeline -> Artifacts)")

@@ -1,0 +1,107 @@
+"""The local API server that `llama2-align run` starts before its heavy imports (flows/local_api.py): it is adopted
+only when Prefect would start a temporary server itself, flows run against it and are recorded in PREFECT_HOME's
+database, and no server process outlives the run."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _servers_of(home: Path) -> list[int]:
+    """PIDs of Prefect API server processes whose PREFECT_HOME is ``home``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"prefect.server.api.server:create_app" in cmd and f"PREFECT_HOME={home}".encode() in env.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """A PREFECT_HOME with a migrated database (migrating is a one-off 10-20 s, as on a user's first run)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=_env(home),
+                   check=True, capture_output=True, timeout=300)
+    return home
+
+
+def _env(home: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+SCRIPT = textwrap.dedent("""
+    from flows import local_api
+    local_api.start_early()
+    started = local_api._proc is not None
+    from prefect import flow
+    url = local_api.adopt()
+    print("STARTED", started, "URL", url, flush=True)
+
+    @flow(name="local-api-probe")
+    def probe():
+        from prefect.settings import PREFECT_API_URL
+        return PREFECT_API_URL.value()
+
+    if url:
+        print("FLOW_API", probe(), flush=True)
+""")
+
+
+def test_flow_runs_against_the_early_server_and_it_stops_at_exit(home):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=_env(home), capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("STARTED"))
+    assert line.startswith("STARTED True URL http://127.0.0.1:"), line
+    url = line.split("URL ")[1]
+    assert f"FLOW_API {url}" in proc.stdout  # the flow talked to our server, not a second temporary one
+    assert _servers_of(home) == []
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = db.execute("select state_type from flow_run where name is not null and flow_id in "
+                            "(select id from flow where name = 'local-api-probe')").fetchall()
+    assert states == [("COMPLETED",)]
+
+
+def test_a_configured_api_url_wins(home, tmp_path):
+    # an API URL from the active profile (not the environment): the early server is stopped, Prefect's choice stands
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text('active = "remote"\n[profiles.remote]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n')
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=_env(home, PREFECT_PROFILES_PATH=str(profiles)),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STARTED True URL None" in proc.stdout
+    assert _servers_of(home) == []
+    # and with PREFECT_API_URL in the environment nothing is started at all
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=_env(home, PREFECT_API_URL="http://127.0.0.1:9/api"),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STARTED False URL None" in proc.stdout
+
+
+def test_cli_run_bad_option_leaves_no_server(home):
+    proc = subprocess.run([sys.executable, "-m", "llama2_align", "run", "--preset", "demo-micro", "--set",
+                           "ppo.iterations=-3"], env=_env(home), capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 2 and "iterations" in proc.stderr
+    assert _servers_of(home) == []
