@@ -2,21 +2,21 @@
 
 Both sides run in a fresh process each, in a fresh runs directory, with the same resolved configs
 (``llama2_align.pipeline.resolve(PipelineConfig(preset=...))``), the same demo data and tokenizer:
-- Prefect: ``flows.pipeline.rlhf_pipeline(PipelineConfig(preset=..., runs_root=<tmp>))`` with a temporary
-  PREFECT_HOME (Prefect starts its ephemeral API server itself; that start-up is part of the overhead measured).
-  Note: the flow runs the two reward models concurrently in a process pool; the direct side runs them one after the
-  other, as a plain script would.
-- direct: demo data + tokenizer, ``run_sft``, ``run_reward`` x2, ``run_ppo``, ``run_eval`` in one process.
-Printed: both wall times (process start to exit, and the pipeline alone), the Prefect/direct ratio.
+- Prefect: ``python -m llama2_align.cli run --preset <preset>``, the command ``make demo`` runs, with the Makefile's
+  Prefect environment (a PREFECT_HOME whose database is migrated beforehand, as ``make demo`` leaves it after its
+  first run; the local API server is started by the command itself; logging at WARNING);
+- direct: demo data + tokenizer, ``run_sft``, ``run_reward`` x2, ``run_ppo``, ``run_eval`` in one plain process.
+The figure is the wall time of each process, start to exit (what a user waits for). With ``--repeat N`` the sides
+alternate N times and the medians are compared (this machine's timings vary by several percent run to run).
 
-    python bench/overhead.py [--preset demo-micro]
+    python bench/overhead.py [--preset demo-tiny] [--repeat 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,17 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-PREFECT_SIDE = r"""
-import json, sys, time
-t0 = time.perf_counter()
-from flows.pipeline import rlhf_pipeline
-from llama2_align.pipeline import PipelineConfig
-t1 = time.perf_counter()
-rlhf_pipeline(PipelineConfig(preset=sys.argv[1], run_name="bench", runs_root=sys.argv[2]))
-t2 = time.perf_counter()
-print("BENCH " + json.dumps({"import_s": t1 - t0, "pipeline_s": t2 - t1}))
-"""
 
 DIRECT_SIDE = r"""
 import json, sys, time
@@ -71,22 +60,22 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "pipeline_s": t2 - t1}))
 """
 
 
-def _run(code: str, preset: str, env: dict) -> dict:
+def _run(argv: list[str], env: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-runs-") as runs:
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code, preset, runs], cwd=ROOT, env=env, capture_output=True,
-                              text=True)
+        proc = subprocess.run(argv + [runs] if argv[1] == "-c" else argv + ["--runs-root", runs], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
         wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"benchmark side failed (exit {proc.returncode})")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")][-1]
-    return {"process_s": wall, **json.loads(line[6:])}
+    return {"process_s": wall}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="demo-micro")
+    ap.add_argument("--preset", default="demo-tiny")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per side, alternating; medians compared")
     ap.add_argument("--only", choices=["prefect", "direct"], default=None)
     args = ap.parse_args()
 
@@ -95,30 +84,38 @@ def main() -> None:
 
     base_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    results = {}
-    migration_s = 0.0
-    if args.only in (None, "direct"):
-        results["direct (stage functions, one process)"] = _run(DIRECT_SIDE, args.preset, base_env)
-    if args.only in (None, "prefect"):
-        with tempfile.TemporaryDirectory(prefix="bench-prefect-home-") as home:
-            env = {**base_env, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   # a loaded machine can take longer than Prefect's default 20 s to start the ephemeral server
-                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-            env.pop("PREFECT_API_URL", None)
+    base_env.pop("PREFECT_API_URL", None)
+    runs: dict[str, list[float]] = {"direct": [], "prefect": []}
+    with tempfile.TemporaryDirectory(prefix="bench-prefect-home-") as home:
+        # the Makefile's environment for `make demo`
+        env = {**base_env, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_LOGGING_LEVEL": "WARNING"}
+        migration_s = None
+        if args.only in (None, "prefect"):
             # The database is migrated once per PREFECT_HOME (`make demo` keeps it in .prefect/): a one-off cost,
             # timed and shown apart, not part of every run's overhead.
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
                            cwd=ROOT, capture_output=True, check=True)
             migration_s = time.perf_counter() - t
-            results["Prefect (rlhf_pipeline flow)"] = _run(PREFECT_SIDE, args.preset, env)
-    rows = [[k, v["process_s"], v["import_s"], v["pipeline_s"]] for k, v in results.items()]
-    if len(results) == 2:
-        d, p = results.values()
-        rows.append(["ratio Prefect / direct", f"{p['process_s'] / d['process_s']:.2f}x",
-                     f"{p['import_s'] / d['import_s']:.2f}x", f"{p['pipeline_s'] / d['pipeline_s']:.2f}x"])
-    print_table(f"pipeline preset {args.preset}: wall time (s)", ["run", "process", "imports", "pipeline"], rows)
-    if args.only in (None, "prefect"):
+        for i in range(args.repeat):
+            if args.only in (None, "direct"):
+                runs["direct"].append(_run([sys.executable, "-c", DIRECT_SIDE, args.preset], base_env)["process_s"])
+                print(f"run {i + 1}: direct {runs['direct'][-1]:.1f} s", flush=True)
+            if args.only in (None, "prefect"):
+                runs["prefect"].append(_run([sys.executable, "-m", "llama2_align.cli", "run", "--preset",
+                                             args.preset], env)["process_s"])
+                print(f"run {i + 1}: prefect {runs['prefect'][-1]:.1f} s", flush=True)
+    names = {"direct": "direct: the stage functions in one process",
+             "prefect": "Prefect: `llama2-align run` (what `make demo` runs)"}
+    rows = [[names[k], statistics.median(v), ", ".join(f"{x:.1f}" for x in v)] for k, v in runs.items() if v]
+    if runs["direct"] and runs["prefect"]:
+        d, p = statistics.median(runs["direct"]), statistics.median(runs["prefect"])
+        rows.append(["ratio Prefect / direct (medians)", f"{p / d:.3f}x", f"overhead {p - d:+.1f} s "
+                     f"({(p - d) / d:+.1%})"])
+    print_table(f"pipeline preset {args.preset}: process wall time, start to exit (s)",
+                ["run", "median", "every run"], rows)
+    if migration_s is not None:
         print(f"\none-off Prefect database migration of a new PREFECT_HOME (not in the figures above): "
               f"{migration_s:.1f} s")
 
