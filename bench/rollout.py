@@ -12,6 +12,7 @@ Figures: tokens/s (batch x new tokens / wall time, prefill included) and ms per 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from _common import HBM_BANDWIDTH, device_name, lookup, measure_bandwidth, print_table, random_model, timed
 
@@ -28,7 +29,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="best of N timed runs (after one warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers' generate")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file (bench/gpu.py reads it)")
     args = ap.parse_args()
+    records: list[dict] = []
 
     from llama2_align.generation import generate_ids
 
@@ -94,18 +97,25 @@ def main() -> None:
                 t = timed(fn, device, repeat=args.repeat)
                 results[label] = t
                 step_ms = max(t - pre, 0.0) / max(args.new_tokens - 1, 1) * 1e3
+                records.append({"preset": preset, "decoder": "engine" if fn is ours else "generate", "batch": batch,
+                                "tokens_per_s": batch * args.new_tokens / t, "ms_per_step": step_ms,
+                                "floor_ms_per_step": floor_ms, "device": device_name(device)})
                 row = [label, batch, batch * args.new_tokens / t, step_ms]
                 if floor_ms is not None:  # pragma: no cover - GPU only
                     row.append(f"{floor_ms:.2f}")
                 rows.append(row)
             if len(results) == 2:
                 (a, ta), (b, tb) = results.items()
-                rows.append([f"  speed-up vs transformers", batch, f"{tb / ta:.2f}x", "", *([""] if floor_ms else [])])
+                rows.append(["  speed-up vs transformers", batch, f"{tb / ta:.2f}x", "", *([""] if floor_ms else [])])
         headers = ["decoder", "batch", "tokens/s", "ms/step"] + (["floor ms/step"] if floor_ms is not None else [])
         print_table(f"{preset} ({n_params / 1e6:.1f} M params) on {device_name(device)}", headers, rows)
-        del model
+        model = None  # freed before the next preset
         if device.type == "cuda":  # pragma: no cover - GPU only
             torch.cuda.empty_cache()
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

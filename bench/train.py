@@ -4,6 +4,8 @@ Each step is the stage's own computation on random tokens (no data loading, no e
 - SFT: causal-LM forward + loss + backward + AdamW step (``build_model(.., "policy")``);
 - RM: chosen and rejected sequences through the scalar-head model, the pairwise loss -log sigmoid(r_c - r_r - m),
   backward, AdamW step (``build_model(.., "reward")``); tokens counted = chosen + rejected tokens;
+- RM scoring (``score``): the frozen reward model scoring sequences of mixed lengths with the stage's own
+  ``RewardScorer.score_ids`` (sorted by length, batched, no graph); tokens counted = real (unpadded) tokens;
 - PPO update: the PPO stage's ``policy_forward`` + clipped policy loss and ``value_forward`` + clipped value loss,
   backward through both models, both optimizer steps (``llama2_align.stages.ppo``/``ppo_core``); tokens counted =
   sequence tokens of the policy batch (the value model's pass on the same tokens is in the FLOP count below).
@@ -13,6 +15,7 @@ FLOPs per token (N = parameters of one model, attention FLOPs left out):
   base are never formed (the adapters add < 1%). This is the issue's "4N FLOPs per token" rule.
 - full fine-tuning: 6N — forward 2N + backward 4N (activation and weight gradients).
 - PPO update: two models (policy and value) on every token: (4 or 6) x (N_policy + N_value).
+- RM scoring: forward only, 2N.
 MFU = tokens/s x FLOPs per token / peak dense bf16 FLOP/s of the card (table: H100/H200 989 TFLOP/s, A100 312).
 
     python bench/train.py                                  # CPU, tiny preset, full fine-tuning, tokens/s
@@ -39,8 +42,12 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=None, help="default 8 (cpu), 2 (cuda)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per stage (after one warm-up)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--stages", nargs="+", default=["sft", "rm", "ppo"], choices=["sft", "rm", "ppo"])
+    ap.add_argument("--stages", nargs="+", default=["sft", "rm", "ppo", "score"],
+                    choices=["sft", "rm", "ppo", "score"])
+    ap.add_argument("--score-batch", type=int, default=None, help="RM scoring batch (default 32 cpu, 16 cuda)")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file (bench/gpu.py reads it)")
     args = ap.parse_args()
+    records: list[dict] = []
 
     from llama2_align import ppo_core as core
     from llama2_align.model import LoraSettings, trainable_parameters
@@ -76,12 +83,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     rows = []
 
-    def report(stage, n_models, n_params, tokens_per_step, seconds):
+    def report(stage, n_models, n_params, tokens_per_step, seconds, flops_per_param=None):
         tps = tokens_per_step / seconds
-        mfu = ""
-        if peak:  # pragma: no cover - GPU only
-            mfu = f"{100 * tps * flops_rule * n_params / peak:.1f}%"
-        rows.append([stage, n_models, f"{n_params / 1e6:,.1f} M", tokens_per_step, seconds * 1e3, tps, mfu or "n/a"])
+        rule = flops_per_param or flops_rule
+        mfu = tps * rule * n_params / peak if peak else None
+        rows.append([stage, n_models, f"{n_params / 1e6:,.1f} M", tokens_per_step, seconds * 1e3, tps,
+                     f"{100 * mfu:.1f}%" if mfu is not None else "n/a"])
+        records.append({"stage": stage, "tokens_per_s": tps, "mfu": mfu, "flops_per_token": f"{rule}N",
+                        "lora": bool(lora_on), "preset": preset, "device": device_name(device)})
 
     if "sft" in args.stages:
         model = build("policy")
@@ -154,11 +163,41 @@ def main() -> None:
         t = sum(timed(ppo_step, device) for _ in range(args.steps)) / args.steps
         report("PPO update", 2, trainable_parameters(policy)[1] + trainable_parameters(value)[1], mb * seq, t)
         sync(device)
+        del policy, value, opt_p, opt_v, batch
+        if cuda:  # pragma: no cover
+            torch.cuda.empty_cache()
+
+    if "score" in args.stages:
+        from types import SimpleNamespace
+
+        from llama2_align.model import freeze
+        from llama2_align.stages.reward import RewardScorer
+
+        model = freeze(random_model(preset, device, dtype, role="reward"))
+        vocab = model.config.vocab_size
+        n_seq = 4 * (args.score_batch or (16 if cuda else 32))
+        lengths = torch.randint(seq // 2, seq + 1, (n_seq,), generator=g).tolist()  # mixed lengths, as rollouts
+        seqs = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+        scorer = RewardScorer("random", model=model, tokenizer=SimpleNamespace(pad_token_id=0),
+                              batch_size=args.score_batch or (16 if cuda else 32))
+
+        def score_all():
+            scorer.score_ids(seqs)
+
+        score_all()
+        t = sum(timed(score_all, device) for _ in range(args.steps)) / args.steps
+        report("RM scoring", 1, sum(p.numel() for p in model.parameters()), sum(lengths), t, flops_per_param=2)
+        del model, scorer
 
     print_table(f"training steps on {device_name(device)}",
                 ["stage", "models", "params (all models)", "tokens/step", "ms/step", "tokens/s", "MFU"], rows)
     if not peak:
         print("MFU: n/a (no peak FLOP figure for this device; on CPU only tokens/s is reported)")
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

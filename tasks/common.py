@@ -32,7 +32,7 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel, ValidationError
 
 from llama2_align.data import DataValidationError
-from llama2_align.launch import launch_stage, should_launch
+from llama2_align.launch import LaunchError, launch_stage, should_launch
 from llama2_align.stages.common import RESULT_FILE, StageResult, input_fingerprints
 from llama2_align.stages.training import TrainStageConfig, halve_micro_batch
 
@@ -50,8 +50,9 @@ VALIDATION_ERRORS: tuple[type[BaseException], ...] = (DataValidationError, Valid
 # OSErrors that are about the request, not a hiccup.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 # RuntimeError messages of a lost or failing device (driver resets, Xid errors, NCCL timeouts).
-_LOST_DEVICE_MARKERS = ("CUDA error", "CUDA driver", "NCCL", "device-side", "ECC error", "unspecified launch failure",
-                        "no CUDA-capable device")
+_LOST_DEVICE_MARKERS = ("CUDA error", "CUDA driver", "NCCL error", "NCCL communicator", "ncclUnhandledCudaError",
+                        "ncclSystemError", "ncclInternalError", "ncclRemoteError", "Watchdog caught collective",
+                        "device-side", "ECC error", "unspecified launch failure", "no CUDA-capable device")
 
 
 class OutOfMemoryAtMicroBatchOne(RuntimeError):
@@ -77,6 +78,13 @@ def is_transient(exc: BaseException | None) -> bool:
     """Worth retrying: CUDA OOM, a lost device, I/O hiccups. Never a validation error."""
     if exc is None or isinstance(exc, OutOfMemoryAtMicroBatchOne) or is_validation_error(exc):
         return False
+    if isinstance(exc, LaunchError) and exc.error:
+        # A launched stage: judge by the failing rank's own error, not by the whole output tail (NCCL and CUDA
+        # print their set-up lines there on every run, so a plain bug would read as a lost device).
+        kind, msg = str(exc.error.get("type", "")), str(exc.error.get("message", ""))
+        if kind.endswith(("OutOfMemoryError", "OutOfMemoryAtMicroBatchOne")):
+            return kind.endswith("OutOfMemoryError")
+        return "CUDA out of memory" in msg or any(m in msg for m in _LOST_DEVICE_MARKERS)
     if is_oom(exc):
         return True
     if isinstance(exc, _PERMANENT_OS_ERRORS):

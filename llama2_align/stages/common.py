@@ -70,8 +70,10 @@ def load_result(out_dir: str | Path) -> StageResult | None:
 
 
 def write_result(result: StageResult) -> StageResult:
+    """Mark the stage complete (result.json, written last) and drop its checkpoint staging area."""
     if is_main_process():
         atomic_write_json(Path(result.out_dir) / RESULT_FILE, result.model_dump())
+        shutil.rmtree(Path(result.out_dir) / ".staging", ignore_errors=True)
     return result
 
 

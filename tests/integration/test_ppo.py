@@ -186,6 +186,7 @@ def test_resume_after_sigkill(tmp_path, ppo_inputs):
     assert saved["provenance"]["resumed_from"] == str(ckpt)
     assert Path(saved["provenance"]["resumed_from"]).name == f"checkpoint-{step}"
     assert (out / "final" / "config.json").exists()
+    assert not (out / ".staging").exists()  # the checkpoints' staging area goes once the stage is complete
 
 
 def test_lora_policy_saves_a_loadable_adapter(tmp_path, ppo_inputs):

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from prefect.states import Failed
 
 from llama2_align.data import DataIssue, DataValidationError
+from llama2_align.launch import LaunchError
 from llama2_align.stages.reward import reward_config_for
 from llama2_align.stages.sft import SFTConfig, SFTInputs
 from tasks.artifacts import accuracy_rows, artifact_key, metrics_rows, png_data_uri
@@ -88,6 +89,17 @@ def _validation_error() -> ValidationError:
     (OutOfMemoryAtMicroBatchOne("nothing left to halve"), False),
     (RuntimeError("some bug"), False),
     (KeyError("x"), False),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error"), True),
+    (RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9)"), True),
+    # a launched stage: the failing rank's own error decides, not NCCL's set-up lines in the output tail
+    (LaunchError("ppo: torchrun (2 processes) failed with exit code 1: rank 1 raised KeyError: 'x'\n"
+                 "NCCL INFO Bootstrap : Using eth0\nNCCL INFO NET/Plugin: No plugin found", 1,
+                 {"rank": 1, "type": "KeyError", "message": "'x'"}), False),
+    (LaunchError("ppo: torchrun failed", 1, {"rank": 0, "type": "torch.OutOfMemoryError",
+                                             "message": "CUDA out of memory. Tried to allocate 2 GiB"}), True),
+    (LaunchError("ppo: torchrun failed", 1, {"rank": 0, "type": "RuntimeError",
+                                             "message": "NCCL error: unhandled cuda error"}), True),
+    (LaunchError("ppo: torchrun failed with exit code -9 (no error file)", -9), False),
 ])
 def test_retry_condition(exc, retried):
     assert is_transient(exc) is retried
