@@ -9,7 +9,9 @@ export HF_HUB_OFFLINE ?= 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
-export PREFECT_LOGGING_LEVEL ?= WARNING
+# Run logs (INFO) go to the API, so the UI's Logs tab has them; the console shows Prefect's warnings only (the CLI
+# prints a line per stage itself).
+export PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL ?= WARNING
 PREFECT_PORT ?= 4200
 WORK_POOL ?= llama2-gpu
 

@@ -4,7 +4,8 @@ Both sides run in a fresh process each, in a fresh runs directory, with the same
 (``llama2_align.pipeline.resolve(PipelineConfig(preset=...))``), the same demo data and tokenizer:
 - Prefect: ``python -m llama2_align.cli run --preset <preset>``, the command ``make demo`` runs, with the Makefile's
   Prefect environment (a PREFECT_HOME whose database is migrated beforehand, as ``make demo`` leaves it after its
-  first run; the local API server is started by the command itself; logging at WARNING);
+  first run; the local API server is started by the command itself; run logs to the API at INFO, the console at
+  WARNING);
 - direct: demo data + tokenizer, ``run_sft``, ``run_reward`` x2, ``run_ppo``, ``run_eval`` in one plain process.
 The figure is the wall time of each process, start to exit (what a user waits for). With ``--repeat N`` the sides
 alternate N times and the medians are compared (this machine's timings vary by several percent run to run).
@@ -89,7 +90,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-prefect-home-") as home:
         # the Makefile's environment for `make demo`
         env = {**base_env, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_LOGGING_LEVEL": "WARNING"}
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+               "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"}
         migration_s = None
         if args.only in (None, "prefect"):
             # The database is migrated once per PREFECT_HOME (`make demo` keeps it in .prefect/): a one-off cost,

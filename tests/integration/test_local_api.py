@@ -105,3 +105,27 @@ def test_cli_run_bad_option_leaves_no_server(home):
                           cwd=ROOT)
     assert proc.returncode == 2 and "iterations" in proc.stderr
     assert _servers_of(home) == []
+
+
+def test_cli_run_records_the_pipeline_and_its_logs(home, tmp_path):
+    """`make demo`'s command on the micro world: every task run recorded COMPLETED in PREFECT_HOME's database, the
+    run's INFO logs shipped to the API (the UI's Logs tab) while the console shows no Prefect INFO lines, and no
+    server left running."""
+    env = _env(home)
+    env.pop("PREFECT_LOGGING_LEVEL", None)
+    env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)  # the CLI's own default applies
+    proc = subprocess.run([sys.executable, "-m", "llama2_align", "run", "--preset", "demo-micro", "--runs-root",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "stage ppo: done" in proc.stdout and (tmp_path / "demo" / "report.json").exists()
+    assert " | INFO " not in proc.stdout + proc.stderr
+    assert _servers_of(home) == []
+    with sqlite3.connect(home / "prefect.db") as db:
+        (run_id, state), = db.execute("select id, state_type from flow_run where flow_id in "
+                                      "(select id from flow where name = 'rlhf-pipeline')").fetchall()
+        tasks = db.execute("select name, state_type from task_run where flow_run_id = ?", (run_id,)).fetchall()
+        logs = [m for (m,) in db.execute("select message from log where flow_run_id = ?", (run_id,))]
+    assert state == "COMPLETED"
+    assert {n for n, _ in tasks} >= {"sft", "reward-helpfulness", "reward-safety", "ppo", "eval", "report"}
+    assert all(s == "COMPLETED" for _, s in tasks), tasks
+    assert any("stage sft: done" in m for m in logs) and any(m.startswith("ppo step") for m in logs), logs[:20]
