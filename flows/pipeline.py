@@ -79,16 +79,20 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
 
-    def stage(name: str, fn, *args, **kwargs) -> dict:
-        _say(f"stage {name}: started")
+    def finish(name: str, get) -> dict:
+        """Record a stage's result (``get()``), or record its failure and stop the pipeline."""
         try:
-            res = fn(*args, **kwargs)
+            res = get()
         except Exception as exc:
             results[name] = {"status": "failed", "error": str(exc)[:2000]}
             _fail(name, exc)
         results[name] = res
         _say(f"stage {name}: done in {res.get('duration_s', 0):.1f}s -> {res.get('final') or res.get('out_dir')}")
         return res
+
+    def stage(name: str, fn, *args, **kwargs) -> dict:
+        _say(f"stage {name}: started")
+        return finish(name, lambda: fn(*args, **kwargs))
 
     def _fail(name: str, exc: BaseException):
         report_task(str(run), cfg.preset, results, None, "ppo")
@@ -107,14 +111,7 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
         futures = {kind: reward_task.submit(rcfg, rm_inputs, str(run / f"reward-{kind}")) for kind, rcfg in rm_configs}
         wait(list(futures.values()))
         for kind, fut in futures.items():
-            name = f"reward-{kind}"
-            try:
-                results[name] = fut.result()
-            except Exception as exc:
-                results[name] = {"status": "failed", "error": str(exc)[:2000]}
-                _fail(name, exc)
-            acc = results[name]["metrics"].get("accuracy")
-            _say(f"stage {name}: done in {results[name]['duration_s']:.1f}s, held-out accuracy {acc}")
+            finish(f"reward-{kind}", fut.result)
     else:
         for kind, rcfg in rm_configs:
             stage(f"reward-{kind}", reward_task, rcfg, rm_inputs, str(run / f"reward-{kind}"))

@@ -75,11 +75,13 @@ def test_pipeline_names_the_failing_stage(prefect_server, tmp_path):
 
 
 def test_pipeline_with_rejection_sampling(prefect_server, tmp_path):
-    """SFT -> RS -> PPO: the RS stage runs, its model feeds PPO, and evaluation covers sft, rs and ppo."""
+    """SFT -> RS -> PPO: the RS stage runs, its model feeds PPO, and evaluation covers sft, rs and ppo. The reward
+    models train concurrently here (worker processes, the GPU machines' default), so that path runs too."""
     from flows.pipeline import rlhf_pipeline
     from llama2_align.pipeline import PipelineConfig
 
     cfg = PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="rs", rejection_sampling=True,
+                         concurrent_reward_models=True,
                          overrides={"rejection_sampling.max_prompts": 16, "rejection_sampling.k": 2})
     state = rlhf_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
@@ -90,3 +92,6 @@ def test_pipeline_with_rejection_sampling(prefect_server, tmp_path):
     assert ppo_inputs["policy"]["path"].endswith("rejection-sampling/final")
     states = _task_states(state.state_details.flow_run_id)
     assert states["rejection-sampling"] == "Completed"
+    assert states["reward-helpfulness"] == states["reward-safety"] == "Completed"
+    for kind in ("helpfulness", "safety"):
+        assert report["stages"][f"reward-{kind}"]["status"] == "completed"
