@@ -28,6 +28,7 @@ from ..io import atomic_write_json, hash_path, read_jsonl
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+STAGING_DIR = ".staging"  # checkpoints are assembled here, then renamed into place whole
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 ProgressFn = Callable[[dict], None]  # called with {"stage", "step", "total", "metrics"...} as training goes
@@ -73,7 +74,7 @@ def write_result(result: StageResult) -> StageResult:
     """Mark the stage complete (result.json, written last) and drop its checkpoint staging area."""
     if is_main_process():
         atomic_write_json(Path(result.out_dir) / RESULT_FILE, result.model_dump())
-        shutil.rmtree(Path(result.out_dir) / ".staging", ignore_errors=True)
+        shutil.rmtree(Path(result.out_dir) / STAGING_DIR, ignore_errors=True)
     return result
 
 

@@ -29,7 +29,7 @@ from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
 from ..model import LoraSettings, build_model, build_reference, is_peft, save_model, unwrap
 from ..tokenizer import load_tokenizer
-from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints,
+from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, ProgressFn, StageResult, Timer, input_fingerprints,
                      is_main_process, latest_checkpoint, load_result, provenance, prune_checkpoints,
                      truncate_metrics, write_result)
 from .reward import RewardScorer
@@ -230,7 +230,6 @@ def value_forward(model, batch: Batch) -> torch.Tensor:
     hidden = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     values = base.score(hidden.last_hidden_state).squeeze(-1)
     return batch.select(values).float()
-
 
 
 def _check_finite(iteration: int, **tensors) -> None:
@@ -448,9 +447,11 @@ def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress:
                     _average_gradients(params)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
-            if cfg.target_kl is not None and float(_all_mean(torch.tensor(stats["approx_kl"], device=device).mean())) > cfg.target_kl:
-                stop = True
-                break
+            if cfg.target_kl is not None:
+                approx_kl = float(_all_mean(torch.tensor(stats["approx_kl"], device=device).mean()))
+                if approx_kl > cfg.target_kl:
+                    stop = True
+                    break
         t_optim = t_o.elapsed
 
         # --- metrics ------------------------------------------------------------------------------------------
@@ -543,7 +544,7 @@ def _save_checkpoint(out_dir, it, policy, value, opt_p, opt_v, sampler, order_rn
     state = {"opt_policy": opt_p.state_dict(), "opt_value": opt_v.state_dict(), "rng": _rng_state(sampler),
              "order_rng": order_rng.getstate(), "order": order, "cursor": cursor, "iteration": it}
     target = Path(out_dir) / f"checkpoint-{it}"
-    staging = Path(out_dir) / ".staging" / f"rank{rank}-{it}"
+    staging = Path(out_dir) / STAGING_DIR / f"rank{rank}-{it}"
     staging.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, staging.with_suffix(".pt"))
     d = _dist()

@@ -146,7 +146,7 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
     artifacts: dict[str, str] = {}
     if is_main_process():
         save_model(trainer.model, out_dir / FINAL_DIR, tokenizer, role="policy",
-                           base=base_path if is_peft(trainer.model) else None)
+                   base=base_path if is_peft(trainer.model) else None)
         if config.num_samples and val_recs:
             samples = sample_generations(trainer.model, tokenizer, val_recs[: config.num_samples],
                                          config.sample_max_new_tokens, config.seed)
@@ -169,7 +169,6 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, out_dir: str | Path, progress:
         provenance={**provenance(), "resumed_from": resume},
     )
     return write_result(result)
-
 
 
 def sample_generations(model, tokenizer, records, max_new_tokens: int, seed: int) -> list[dict]:

@@ -20,9 +20,7 @@ from transformers import TrainerCallback
 
 from ..io import append_jsonl
 from ..model import LoraSettings
-from .common import METRICS_FILE, ProgressFn, is_main_process, latest_checkpoint, truncate_metrics
-
-STAGING_DIR = ".staging"
+from .common import METRICS_FILE, STAGING_DIR, ProgressFn, is_main_process, latest_checkpoint, truncate_metrics
 
 
 class TrainStageConfig(BaseModel):

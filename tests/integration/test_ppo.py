@@ -138,6 +138,15 @@ def test_rollout_logprobs_stand_in_for_a_second_forward_pass(tmp_path, ppo_input
         assert math.isclose(a[key], b[key], rel_tol=1e-3, abs_tol=1e-5), (key, a[key], b[key])
 
 
+def test_target_kl_stops_the_epochs_early(tmp_path, ppo_inputs):
+    """Past target_kl an iteration stops its PPO epochs (flagged in the metrics); with none it never does."""
+    for target, stopped in ((1e-12, True), (None, False)):
+        out = tmp_path / f"kl-{target}"
+        run_ppo(_config(iterations=1, ppo_epochs=3, target_kl=target), ppo_inputs, out)
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["early_stopped"] is stopped
+
+
 RESUME_ITERATIONS = 8
 
 _CHILD = textwrap.dedent("""
