@@ -82,9 +82,8 @@ def is_transient(exc: BaseException | None) -> bool:
         # A launched stage: judge by the failing rank's own error, not by the whole output tail (NCCL and CUDA
         # print their set-up lines there on every run, so a plain bug would read as a lost device).
         kind, msg = str(exc.error.get("type", "")), str(exc.error.get("message", ""))
-        if kind.endswith(("OutOfMemoryError", "OutOfMemoryAtMicroBatchOne")):
-            return kind.endswith("OutOfMemoryError")
-        return "CUDA out of memory" in msg or any(m in msg for m in _LOST_DEVICE_MARKERS)
+        return kind.endswith("OutOfMemoryError") or "CUDA out of memory" in msg or \
+            any(m in msg for m in _LOST_DEVICE_MARKERS)
     if is_oom(exc):
         return True
     if isinstance(exc, _PERMANENT_OS_ERRORS):
@@ -259,8 +258,7 @@ def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs:
 
     def call(cfg):
         if should_launch(cfg):  # several processes: torchrun as a subprocess; an OOM in it reads "CUDA out of memory"
-            return launch_stage(run_fn.__name__.removeprefix("run_").replace("_", "-"), cfg, inputs, out_dir,
-                                cfg.num_processes, log=logger.info, progress=progress)
+            return launch_stage(stage, cfg, inputs, out_dir, cfg.num_processes, log=logger.info, progress=progress)
         return run_fn(cfg, inputs, out_dir, progress=progress)
 
     try:
