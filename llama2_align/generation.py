@@ -188,16 +188,14 @@ class _StepRunner:
 
     def __init__(self, lm: nn.Module, device: torch.device, compile: bool | None):
         self.lm = lm
-        self.device = device
         self.cache_kw = _cache_kw(lm)
-        self.use_graph = (device.type == "cuda") if compile is None else (bool(compile) and device.type == "cuda")
-        self.fn = self._eager
-        if self.use_graph:  # pragma: no cover - CUDA only (untested here: no GPU)
-            fn = _StepRunner._compiled.get(lm)
-            if fn is None:
-                fn = torch.compile(self._forward_of(lm), mode="reduce-overhead", fullgraph=False, dynamic=False)
-                _StepRunner._compiled[lm] = fn
-            self.fn = fn
+        self.step = self._forward_of(lm)
+        self.graph = None  # the compiled step: CUDA (and compile not False) only
+        if device.type == "cuda" and compile is not False:  # pragma: no cover - CUDA only (untested here: no GPU)
+            self.graph = _StepRunner._compiled.get(lm)
+            if self.graph is None:
+                self.graph = torch.compile(self.step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+                _StepRunner._compiled[lm] = self.graph
 
     @staticmethod
     def _forward_of(lm: nn.Module):
@@ -208,25 +206,20 @@ class _StepRunner:
                       logits_to_keep=1).logits[:, -1, :]
         return step
 
-    def _eager(self, ids, mask, pos, cache):
-        return self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, **{self.cache_kw: cache}, use_cache=True,
-                       logits_to_keep=1).logits[:, -1, :]
-
     def __call__(self, ids, mask, pos, cache) -> torch.Tensor:
-        if not self.use_graph:  # (a bound method is a new object on every access: no `self.fn is self._eager`)
-            return self._eager(ids, mask, pos, cache)
+        if self.graph is None:
+            return self.step(ids, mask, pos, cache)
         try:  # pragma: no cover - CUDA only
             torch.compiler.cudagraph_mark_step_begin()
-            return self.fn(ids, mask, pos, cache).clone()
+            return self.graph(ids, mask, pos, cache).clone()
         except Exception as exc:  # pragma: no cover - a compile failure must not stop a rollout: run it eagerly
             import logging
 
             logging.getLogger(__name__).warning("compiled decode step failed (%s: %s); decoding eagerly",
                                                 type(exc).__name__, exc)
             _StepRunner._compiled.pop(self.lm, None)
-            self.fn = self._eager
-            self.use_graph = False
-            return self._eager(ids, mask, pos, cache)
+            self.graph = None
+            return self.step(ids, mask, pos, cache)
 
 
 def _select_rows(cache, rows: torch.Tensor, device: torch.device) -> None:
@@ -294,23 +287,20 @@ def _decode_static(
                     **{runner.cache_kw: cache}, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         del prefill_mask
         rows = torch.arange(n, device=device)  # which original row each live batch slot holds
+
+        def whole_batch(x: torch.Tensor, fill) -> torch.Tensor:
+            """A per-slot value laid out over the original rows (``fill`` for rows compacted away)."""
+            return x if rows.numel() == n else torch.full((n,), fill, dtype=x.dtype, device=device).index_copy_(
+                0, rows, x)
         live = torch.ones(n, dtype=torch.bool, device=device)  # per slot: still decoding
         ids_buf = torch.empty((n, 1), dtype=torch.long, device=device)
         pos_buf = position_ids[:, -1:].clone()
         for step in range(max_new_tokens):
             nxt = _sample_next(logits, temperature, top_p, generator)
-            lp = _token_logprobs(logits, nxt, live) if logprobs is not None else None
+            if logprobs is not None:
+                logprobs.append(whole_batch(_token_logprobs(logits, nxt, live), 0.0))
             nxt = torch.where(live, nxt, torch.full_like(nxt, pad_token_id))
-            if rows.numel() == n:
-                if lp is not None:
-                    logprobs.append(lp)
-                yield nxt
-            else:
-                if lp is not None:
-                    logprobs.append(torch.zeros(n, dtype=lp.dtype, device=device).index_copy_(0, rows, lp))
-                full = torch.full((n,), pad_token_id, dtype=nxt.dtype, device=device)
-                full[rows] = nxt
-                yield full
+            yield whole_batch(nxt, pad_token_id)
             live &= nxt != eos_token_id
             if step == max_new_tokens - 1 or not bool(live.any()):
                 break
