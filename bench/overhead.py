@@ -61,16 +61,16 @@ print("BENCH " + json.dumps({"import_s": t1 - t0, "pipeline_s": t2 - t1}))
 """
 
 
-def _run(argv: list[str], env: dict) -> dict:
+def _run(argv_for, env: dict) -> float:
+    """Wall time of one side's process, start to exit; ``argv_for(runs_dir)`` is its command line."""
     with tempfile.TemporaryDirectory(prefix="bench-runs-") as runs:
         t = time.perf_counter()
-        proc = subprocess.run(argv + [runs] if argv[1] == "-c" else argv + ["--runs-root", runs], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(argv_for(runs), cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"benchmark side failed (exit {proc.returncode})")
-    return {"process_s": wall}
+    return wall
 
 
 def main() -> None:
@@ -102,11 +102,11 @@ def main() -> None:
             migration_s = time.perf_counter() - t
         for i in range(args.repeat):
             if args.only in (None, "direct"):
-                runs["direct"].append(_run([sys.executable, "-c", DIRECT_SIDE, args.preset], base_env)["process_s"])
+                runs["direct"].append(_run(lambda r: [sys.executable, "-c", DIRECT_SIDE, args.preset, r], base_env))
                 print(f"run {i + 1}: direct {runs['direct'][-1]:.1f} s", flush=True)
             if args.only in (None, "prefect"):
-                runs["prefect"].append(_run([sys.executable, "-m", "llama2_align.cli", "run", "--preset",
-                                             args.preset], env)["process_s"])
+                runs["prefect"].append(_run(lambda r: [sys.executable, "-m", "llama2_align.cli", "run", "--preset",
+                                                       args.preset, "--runs-root", r], env))
                 print(f"run {i + 1}: prefect {runs['prefect'][-1]:.1f} s", flush=True)
     names = {"direct": "direct: the stage functions in one process",
              "prefect": "Prefect: `llama2-align run` (what `make demo` runs)"}
