@@ -74,22 +74,8 @@ def _counts(counts: dict[str, int]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "B"):
-        if abs(n) < 1000:
-            return f"{n:.2f} {unit}".rstrip() if unit else f"{n:g}"
-        n /= 1000
-    return f"{n:.2f} T"
-
-
 def _memory(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:,.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
-
-
-def _format_preset_table(info: dict) -> str:
-    from .model import format_preset_table
-
-    return format_preset_table(info)
 
 
 @app.command("model-info", rich_help_panel=MODEL_PANEL, epilog=EXIT_CODES_HELP)
@@ -100,7 +86,7 @@ def model_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON.")] = False,
 ) -> None:
     """Describe a model preset: shapes, parameter count, attention (MHA/GQA), bf16 weight memory."""
-    from .model import PRESETS, describe_preset  # imports torch + transformers: only here
+    from .model import PRESETS, describe_preset, format_preset_table, human_count  # imports torch: only here
 
     if preset is None:
         infos = [describe_preset(name) for name in PRESETS]
@@ -108,13 +94,13 @@ def model_info(
             typer.echo(json.dumps(infos, indent=2))
             return
         for info in infos:
-            typer.echo(f"{info['preset']:<12}{info['parameters']:>16,}  {_human(info['parameters']):>9}  "
+            typer.echo(f"{info['preset']:<12}{info['parameters']:>16,}  {human_count(info['parameters']):>9}  "
                        f"{info['attention']:<17}{_memory(info['weights_bf16_bytes']):>11} bf16")
         return
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; available presets: {', '.join(PRESETS)}", EXIT_USAGE)
     info = describe_preset(preset)
-    typer.echo(json.dumps(info, indent=2) if as_json else _format_preset_table(info))
+    typer.echo(json.dumps(info, indent=2) if as_json else format_preset_table(info))
 
 
 # --------------------------------------------------------------------------------------------------------------

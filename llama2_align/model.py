@@ -131,7 +131,8 @@ def describe_preset(preset: str) -> dict:
     }
 
 
-def _human(n: float, units: tuple[str, ...] = ("", "K", "M", "B", "T")) -> str:
+def human_count(n: float, units: tuple[str, ...] = ("", "K", "M", "B", "T")) -> str:
+    """A count in K/M/B/T with two decimals (``6.74 B``); plain below 1000."""
     for unit in units:
         if abs(n) < 1000 or unit == units[-1]:
             return f"{n:.2f} {unit}".rstrip() if unit else f"{n:g}"
@@ -151,7 +152,7 @@ def format_preset_table(info: dict) -> str:
         ("ffn size", f"{info['ffn_size']:,}"),
         ("vocab", f"{info['vocab_size']:,}"),
         ("context", f"{info['context_length']:,}"),
-        ("parameters", f"{info['parameters']:,} ({_human(info['parameters'])})"),
+        ("parameters", f"{info['parameters']:,} ({human_count(info['parameters'])})"),
         ("weights bf16", f"{info['weights_bf16_gib']:,} GiB"),
     ]
     width = max(len(k) for k, _ in rows) + 2
