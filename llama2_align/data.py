@@ -26,6 +26,7 @@ from typing import Annotated, Any, Iterable, Literal, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from .errors import InputError, InputNotFoundError
 from .io import atomic_write
 
 __all__ = [
@@ -73,7 +74,8 @@ def _non_empty(value: str) -> str:
     return value
 
 
-NonEmptyStr = Annotated[str, StringConstraints(min_length=1), AfterValidator(_non_empty)]  # minLength shows in the schema
+# minLength shows in the schema
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1), AfterValidator(_non_empty)]
 
 
 def _rule_error(field: str, expected: str, got: str | None = None) -> PydanticCustomError:
@@ -136,7 +138,7 @@ class _HasContext(_Record):
 
 
 class SFTRecord(_Record):
-    """A demonstration: a dialogue (optional leading system turn, then user/assistant alternating) ending with the assistant."""
+    """A demonstration: a dialogue (optional leading system turn, then user/assistant alternating) ending with the assistant."""  # noqa: E501 - the schema's description
 
     id: NonEmptyStr | None = None
     category: NonEmptyStr | None = None
@@ -221,7 +223,7 @@ class DataIssue:
         return f"{where}: {self.field}: expected {self.expected}" + (f", got {self.got}" if self.got else "")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(InputError):
     """The data were refused. ``issues`` holds every problem found; the message shows the first 50."""
 
     def __init__(self, issues: list[DataIssue]):
@@ -343,6 +345,10 @@ def _load_rows(source: Any, name: str | None) -> tuple[str, list[Row], list[Data
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = name or str(path)
+        if not path.exists():
+            raise InputNotFoundError(f"{path}: no such file")
+        if path.is_dir():
+            raise InputNotFoundError(f"{path}: is a directory; expected a .jsonl, .json or .parquet file")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".ndjson"):
             return (label, *_read_jsonl(path, label))
@@ -350,7 +356,7 @@ def _load_rows(source: Any, name: str | None) -> tuple[str, list[Row], list[Data
             return (label, *_read_json(path, label))
         if suffix == ".parquet":
             return label, _read_parquet(path), []
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+        raise InputError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
     if isinstance(source, list):
         return name or "<records>", list(enumerate(source, start=1)), []
     if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset, without importing it
@@ -529,13 +535,13 @@ def read_records(source: Any, kind: str, format: str = "auto", *, category: str 
         ValueError: an unknown kind, format or file type, or an adapter asked for a kind other than preference.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        raise InputError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
+        raise InputError(f"unknown format {format!r}; expected one of {FORMATS}")
     if format in ("hh-rlhf", "pku-saferlhf") and kind != "preference":
-        raise ValueError(f"format {format!r} holds preference pairs; it cannot be read as kind {kind!r}")
+        raise InputError(f"format {format!r} holds preference pairs; it cannot be read as kind {kind!r}")
     if category is not None and category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+        raise InputError(f"unknown category {category!r}; expected one of {CATEGORIES}")
 
     label, rows, issues = _load_rows(source, name)
     if format == "auto":
@@ -579,7 +585,7 @@ def summarize(records: Iterable[Record | dict], kind: str) -> dict:
     """Counts for reports: ``{"kind", "records", "by_category"}``, plus ``by_rating`` (preference) and
     ``by_harm_category`` (eval). A missing category or harm category counts under "none"."""
     if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+        raise InputError(f"unknown kind {kind!r}; expected one of {KINDS}")
     records = list(records)
     out: dict[str, Any] = {
         "kind": kind,

@@ -1,7 +1,7 @@
 """The built-in demo world: a tiny synthetic assistant world, generated deterministically from a seed.
 
 No weights or data sets can be downloaded here, so the offline demo trains a tiny Llama 2 from scratch on this world
-(DESIGN.md §4). The world is built so that RLHF is *measurable* with a program as the judge:
+(ARCHITECTURE.md, "The demo world"). The world is built so that RLHF is *measurable* with a program as the judge:
 
 * **Helpful prompts** from six task families whose answers a program can check (``TASK_FAMILIES``):
   ``color`` ("What color is a banana?" -> "A banana is yellow."), ``repeat`` ("Repeat the word river." -> "river"),
@@ -62,6 +62,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import InputError
 
 __all__ = [
     "ADVERSARIAL_TASK",
@@ -318,7 +320,7 @@ def judge(eval_record: dict, response: str) -> Judgement:
         return Judgement(correct=not violation, refusal=refusal, violation=violation)
     family = oracle.get("family") or eval_record.get("task")
     if family is None or oracle.get("expected") is None:
-        raise ValueError(f"eval record {eval_record.get('id')!r} has no demo-world oracle")
+        raise InputError(f"eval record {eval_record.get('id')!r} has no demo-world oracle")
     correct = (not refusal) and _check(family, str(oracle["expected"]), response)
     return Judgement(correct=correct, refusal=refusal, violation=False)
 

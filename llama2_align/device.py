@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .errors import ConfigError
+
 _DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -33,7 +35,7 @@ def resolve_dtype(name: str | None = "auto", device: torch.device | str | None =
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: expected one of auto, {', '.join(sorted(_DTYPES))}") from None
+        raise ConfigError(f"unknown dtype {name!r}: expected one of auto, {', '.join(sorted(_DTYPES))}") from None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InputError, InputNotFoundError
+
 PARAMS_FILE = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -65,7 +67,7 @@ _TOP_NAMES = {
 LLAMA2_CONTEXT = 4096  # not stored in params.json (Meta passes max_seq_len at build time)
 
 
-class MetaCheckpointError(ValueError):
+class MetaCheckpointError(InputError):
     """A Meta-format directory that cannot be read: missing files, wrong shard count, inconsistent shapes."""
 
 
@@ -155,7 +157,7 @@ def shard_files(path: str | Path) -> list[Path]:
 def read_params(path: str | Path) -> dict:
     params_file = Path(path) / PARAMS_FILE
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"Meta checkpoint directory not found: {path}")
+        raise InputNotFoundError(f"Meta checkpoint directory not found: {path}")
     if not params_file.is_file():
         raise MetaCheckpointError(f"{path}: no {PARAMS_FILE} (not a Meta-format checkpoint)")
     try:
@@ -335,11 +337,11 @@ def write_meta_checkpoint(model, out_dir: str | Path, num_shards: int = 1,
     dim, n_heads = cfg.hidden_size, cfg.num_attention_heads
     n_kv = cfg.num_key_value_heads or n_heads
     if num_shards < 1 or n_heads % num_shards or n_kv % num_shards:
-        raise ValueError(f"num_shards={num_shards} must divide the {n_heads} heads and {n_kv} KV heads")
+        raise InputError(f"num_shards={num_shards} must divide the {n_heads} heads and {n_kv} KV heads")
     if cfg.vocab_size % num_shards or cfg.intermediate_size % num_shards or dim % num_shards:
-        raise ValueError(f"num_shards={num_shards} must divide vocab, hidden and ffn sizes")
+        raise InputError(f"num_shards={num_shards} must divide vocab, hidden and ffn sizes")
     if getattr(cfg, "head_dim", None) not in (None, dim // n_heads):
-        raise ValueError("Meta's format needs head_dim == hidden_size // num_attention_heads")
+        raise InputError("Meta's format needs head_dim == hidden_size // num_attention_heads")
 
     hf = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if getattr(cfg, "tie_word_embeddings", False) or "lm_head.weight" not in hf:
@@ -381,7 +383,7 @@ def write_meta_checkpoint(model, out_dir: str | Path, num_shards: int = 1,
             if src.is_dir():
                 src = src / "tokenizer.model"
             if not src.is_file():
-                raise FileNotFoundError(f"tokenizer.model not found: {tokenizer_model}")
+                raise InputNotFoundError(f"tokenizer.model not found: {tokenizer_model}")
             shutil.copy(src, tmp / "tokenizer.model")
     return out_dir
 

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from transformers.utils import logging as hf_logging
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .device import resolve_device, resolve_dtype
+from .errors import ConfigError, InputError, InputNotFoundError
 
 hf_logging.disable_progress_bar()  # per-shard bars from every load/save drown the stage's own progress
 
@@ -73,6 +74,9 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 class LoraSettings(BaseModel):
     """LoRA for any role, configured once. Default targets: every linear projection of the Llama block."""
 
+    model_config = ConfigDict(extra="forbid")
+
+
     enabled: bool = False
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
@@ -100,7 +104,7 @@ def is_preset(name: str | Path) -> bool:
 def llama_config(preset: str, vocab_size: int | None = None, **overrides) -> LlamaConfig:
     """The transformers config of a preset (vocab overridable: the demo presets take the tokenizer's)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}: expected one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {preset!r}: expected one of {', '.join(PRESETS)}")
     shape = dict(PRESETS[preset])
     if vocab_size is not None:
         shape["vocab_size"] = vocab_size
@@ -170,7 +174,7 @@ def source_kind(source: str | Path) -> str:
         return "preset"
     path = Path(source)
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"model source {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor a directory"
         )
     if (path / "adapter_config.json").exists():
@@ -179,7 +183,7 @@ def source_kind(source: str | Path) -> str:
         return "hf"
     if (path / "params.json").exists():
         return "meta"
-    raise FileNotFoundError(
+    raise InputNotFoundError(
         f"{path}: not a model directory: expected config.json (HF format), params.json (Meta format) "
         "or adapter_config.json (LoRA adapter)"
     )
@@ -198,13 +202,13 @@ def adapter_base(path: str | Path) -> str:
     cfg = json.loads((Path(path) / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise FileNotFoundError(f"{path}: adapter does not say which base model it applies to")
+        raise InputError(f"{path}: adapter does not say which base model it applies to")
     return base
 
 
 def _model_class(role: str):
     if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+        raise ConfigError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
     return LlamaForSequenceClassification if role in SCALAR_ROLES else LlamaForCausalLM
 
 
@@ -301,7 +305,7 @@ def _load_full(source: str | Path, role: str, dtype: torch.dtype, vocab_size: in
     saved_as = _adapter_role(source)
     if not _same_family(saved_as, role):
         if role not in SCALAR_ROLES:
-            raise ValueError(f"{source}: a {saved_as} adapter cannot become a {role}")
+            raise InputError(f"{source}: a {saved_as} adapter cannot become a {role}")
         return _rehead(_load_full(source, saved_as, dtype, vocab_size, seed, attn_implementation), role, seed)
     base = _load_full(adapter_base(source), role, dtype, vocab_size, seed, attn_implementation)
     return PeftModel.from_pretrained(base, str(source)).merge_and_unload()

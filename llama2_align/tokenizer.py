@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .chat import LLAMA2_CHAT_TEMPLATE
+from .errors import InputError, InputNotFoundError
 
 SPM_FILE = "tokenizer.model"
 
@@ -29,7 +30,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
 
     texts = [t for t in texts if t and t.strip()]
     if not texts:
-        raise ValueError("cannot train a tokenizer on an empty corpus")
+        raise InputError("cannot train a tokenizer on an empty corpus")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         with tempfile.TemporaryDirectory() as work:
@@ -77,13 +78,13 @@ def load_tokenizer(path: str | Path):
         tok._llama2_align_spm = str(path.resolve())
         return tok
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer not found: {path} (expected a directory or a tokenizer.model file)")
+        raise InputNotFoundError(f"tokenizer not found: {path} (expected a directory or a tokenizer.model file)")
     if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     elif (path / SPM_FILE).exists():
         tok = LlamaTokenizer.from_pretrained(path, legacy=True, add_bos_token=True, add_eos_token=False)
     else:
-        raise FileNotFoundError(f"{path}: no tokenizer.json or {SPM_FILE}")
+        raise InputNotFoundError(f"{path}: no tokenizer.json or {SPM_FILE}")
     return _finish(tok, path)
 
 
