@@ -1,4 +1,4 @@
-"""Run a stage on several processes (GPUs) under torchrun, as a subprocess of the caller (DESIGN.md §5).
+"""Run a stage on several processes (GPUs) under torchrun, as a subprocess of the caller (ARCHITECTURE.md).
 
 The parent side, :func:`launch_stage`, writes a small spec (stage, config, inputs, out_dir) into
 ``<out_dir>/.launch/spec.json`` and runs::
@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from .errors import ConfigError, InputError
 from .stages.common import ProgressFn, StageResult, load_result
 
 LAUNCH_DIR = ".launch"
@@ -77,7 +78,7 @@ def stage_key(stage: str) -> str:
     for key in STAGES:
         if stage.startswith(key + "-"):
             return key
-    raise ValueError(f"no launchable stage {stage!r}: expected one of {', '.join(STAGES)}")
+    raise ConfigError(f"no launchable stage {stage!r}: expected one of {', '.join(STAGES)}")
 
 
 def _lookup(stage: str):
@@ -180,19 +181,19 @@ def _print_progress(event: dict) -> None:
 def _is_validation(exc: BaseException) -> bool:
     from pydantic import ValidationError
 
-    from .data import DataValidationError
-
-    return isinstance(exc, (DataValidationError, ValidationError, ValueError, FileNotFoundError))
+    return isinstance(exc, (InputError, ValidationError))
 
 
 def run_rank(spec_path: str | Path) -> StageResult:
     """Run this rank's share of the stage described by ``spec_path``."""
     import torch
-    import torch.distributed as dist
+    import torch.distributed as tdist
+
+    from . import dist
 
     spec = json.loads(Path(spec_path).read_text())
     out_dir = Path(spec["out_dir"])
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    rank, local_rank = dist.rank(), dist.local_rank()  # torchrun's environment: the group is not up yet
     backend = spec.get("backend") or default_backend()
     try:
         config_cls, inputs_cls, run_fn = _lookup(spec["stage"])
@@ -203,17 +204,15 @@ def run_rank(spec_path: str | Path) -> StageResult:
             torch.cuda.set_device(local_rank)
             if backend == "nccl":
                 kwargs["device_id"] = torch.device("cuda", local_rank)
-        if not dist.is_initialized():
-            dist.init_process_group(backend, **kwargs)
+        if not tdist.is_initialized():
+            tdist.init_process_group(backend, **kwargs)
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        print(f"{spec['stage']}: rank {rank} of {dist.get_world_size()} on {device} ({backend}) -> {out_dir}",
+        print(f"{spec['stage']}: rank {rank} of {dist.world_size()} on {device} ({backend}) -> {out_dir}",
               flush=True)
-        try:
-            result = run_fn(config, inputs, out_dir, progress=_print_progress if rank == 0 else None)
-            dist.barrier()  # nobody leaves while rank 0 still writes
+        try:  # the stage skeleton waits for every rank before and after rank 0 writes result.json
+            return run_fn(config, inputs, out_dir, progress=_print_progress if rank == 0 else None)
         finally:
-            dist.destroy_process_group()
-        return result
+            tdist.destroy_process_group()
     except BaseException as exc:
         err = {"rank": rank, "type": type(exc).__name__, "message": str(exc)[:4000],
                "validation": _is_validation(exc)}

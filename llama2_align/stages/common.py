@@ -1,6 +1,17 @@
-"""What every stage shares: the stage directory, result.json with provenance, metrics logs, checkpoints, resume.
+"""The stage skeleton: what every stage's frame does, written once (ARCHITECTURE.md, "The stage skeleton").
 
-Stage directory (DESIGN.md §1)::
+A stage is a plain function ``run_<stage>(config, inputs, out_dir, progress=None) -> StageResult``. Its author writes
+only what is particular to it, as a body decorated with :func:`stage`::
+
+    @stage("sft")
+    def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
+        ...                                   # validate, build, train (resume from run.resume()), save
+        return StageOutput(final=..., metrics=..., steps=..., artifacts=...)
+
+The frame returns at once when the stage is complete, times the run, waits for every rank, fingerprints the inputs,
+records provenance, writes ``result.json`` last (rank 0) and prunes old checkpoints.
+
+Stage directory::
 
     <stage>/checkpoint-<step>/   intermediate checkpoints, each renamed into place only once complete
     <stage>/final/               the stage's output model
@@ -10,6 +21,9 @@ Stage directory (DESIGN.md §1)::
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import json
 import os
 import platform
@@ -17,12 +31,14 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from pydantic import BaseModel, Field
 
+from .. import dist
 from ..io import atomic_write_json, hash_path, read_jsonl
 
 RESULT_FILE = "result.json"
@@ -50,16 +66,111 @@ class StageResult(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+class Backoff(Protocol):
+    """What a stage config offers the out-of-memory back-off (tasks retry a stage with ``config.smaller()``)."""
+
+    def smaller(self) -> "Backoff | None":
+        """The same job with about half the memory per step (same effective batch), or None: nothing left to halve."""
+
+    def batch_summary(self) -> str:
+        """The batch settings the back-off changes, for its messages."""
 
 
-def barrier() -> None:
-    """Wait for every rank under torchrun (a no-op in one process)."""
-    import torch.distributed as dist
+# --------------------------------------------------------------------------------------------------------------------
+# The skeleton
+# --------------------------------------------------------------------------------------------------------------------
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+
+@dataclass
+class StageOutput:
+    """What a stage body returns: the part of its result only the stage knows."""
+
+    final: str | Path | None
+    metrics: dict[str, Any]
+    steps: int
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+class StageRun:
+    """One run of a stage, handed to its body: where to write, how to report progress, where to resume from."""
+
+    def __init__(self, name: str, config: BaseModel, inputs: BaseModel, out_dir: Path, progress: ProgressFn | None):
+        self.name = name
+        self.config = config
+        self.inputs = inputs
+        self.out_dir = out_dir
+        self.progress = progress
+        self.provenance: dict[str, Any] = {}  # extra provenance the body adds (resume points)
+        self._timer = Timer()
+
+    def report(self, step: int, total: int, metrics: dict, **extra) -> None:
+        """A progress event (the Prefect task turns it into log lines and the progress artifact)."""
+        if self.progress is not None:
+            self.progress({"stage": self.name, "step": step, "total": total, "metrics": metrics, **extra})
+
+    def resume(self) -> Path | None:
+        """The newest complete checkpoint to resume from, or None for a fresh start. Metrics logged past it are
+        dropped (a fresh start drops them all), so no step appears twice in metrics.jsonl."""
+        ckpt = latest_checkpoint(self.out_dir)
+        if dist.is_main():
+            if ckpt is None:
+                (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
+            else:
+                truncate_metrics(self.out_dir, checkpoint_step(ckpt))
+        self.provenance["resumed_from"] = str(ckpt) if ckpt else None
+        return ckpt
+
+    def finish(self, output: StageOutput) -> StageResult:
+        dist.barrier()  # every rank has done its share before the stage is marked complete
+        result = StageResult(
+            stage=self.name,
+            out_dir=str(self.out_dir),
+            final=str(output.final) if output.final is not None else None,
+            metrics=output.metrics,
+            steps=int(output.steps),
+            duration_s=round(self._timer.elapsed, 2),
+            artifacts=output.artifacts,
+            config=self.config.model_dump(),
+            inputs=input_fingerprints(self.inputs.model_dump()),
+            provenance={**provenance(), **self.provenance},
+        )
+        if dist.is_main():
+            prune_checkpoints(self.out_dir, getattr(self.config, "keep_checkpoints", 0))
+            write_result(result)
+        dist.barrier()  # no rank returns before result.json exists
+        return result
+
+
+def stage(name: str | Callable[[Any], str]):
+    """Decorate a stage body ``(config, inputs, run: StageRun) -> StageOutput`` into the stage function
+    ``(config, inputs, out_dir, progress=None) -> StageResult``. ``name`` may depend on the config (the reward
+    models: ``lambda c: f"reward-{c.kind}"``)."""
+
+    def decorate(body: Callable[[Any, Any, StageRun], StageOutput]):
+        @functools.wraps(body)
+        def run_stage(config, inputs, out_dir: str | Path, progress: ProgressFn | None = None) -> StageResult:
+            out_dir = Path(out_dir)
+            done = load_result(out_dir)
+            if done is not None:
+                return done
+            run = StageRun(name(config) if callable(name) else name, config, inputs, out_dir, progress)
+            return run.finish(body(config, inputs, run))
+
+        params = list(inspect.signature(body).parameters.values())[:2]
+        run_stage.__signature__ = inspect.Signature(  # the public signature, not the body's
+            params + [inspect.Parameter("out_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str | Path"),
+                      inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                        annotation="ProgressFn | None")],
+            return_annotation="StageResult")
+        del run_stage.__wrapped__
+        return run_stage
+
+    return decorate
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# result.json and provenance
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def load_result(out_dir: str | Path) -> StageResult | None:
@@ -71,10 +182,9 @@ def load_result(out_dir: str | Path) -> StageResult | None:
 
 
 def write_result(result: StageResult) -> StageResult:
-    """Mark the stage complete (result.json, written last) and drop its checkpoint staging area."""
-    if is_main_process():
-        atomic_write_json(Path(result.out_dir) / RESULT_FILE, result.model_dump())
-        shutil.rmtree(Path(result.out_dir) / STAGING_DIR, ignore_errors=True)
+    """Mark the stage complete (result.json, written last) and drop its checkpoint staging area. Rank 0 only."""
+    atomic_write_json(Path(result.out_dir) / RESULT_FILE, result.model_dump())
+    shutil.rmtree(Path(result.out_dir) / STAGING_DIR, ignore_errors=True)
     return result
 
 
@@ -93,8 +203,6 @@ def fingerprint(path: str | Path) -> str:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         if sum(p.stat().st_size for p in files) > 2**30:
-            import hashlib
-
             h = hashlib.sha256()
             for p in files:
                 st = p.stat()
@@ -103,17 +211,16 @@ def fingerprint(path: str | Path) -> str:
     return "sha256:" + hash_path(path)
 
 
-def input_fingerprints(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Hash every input that is a path on disk; presets and other values are kept as they are."""
-    out = {}
-    for name, value in inputs.items():
-        if value is None:
-            out[name] = None
-        elif isinstance(value, (str, Path)) and Path(value).exists():
-            out[name] = {"path": str(Path(value).resolve()), "hash": fingerprint(value)}
-        else:
-            out[name] = value
-    return out
+def input_fingerprints(inputs: Any) -> Any:
+    """The inputs with every path on disk replaced by ``{"path", "hash"}``, at any depth (eval's checkpoints are a
+    name -> path mapping); presets and other values are kept as they are."""
+    if isinstance(inputs, dict):
+        return {name: input_fingerprints(value) for name, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return [input_fingerprints(value) for value in inputs]
+    if isinstance(inputs, (str, Path)) and Path(inputs).exists():
+        return {"path": str(Path(inputs).resolve()), "hash": fingerprint(inputs)}
+    return inputs
 
 
 def _git_commit() -> str | None:
@@ -145,11 +252,20 @@ def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
         "versions": library_versions(),
         "git_commit": _git_commit(),
         "device": describe_device(device),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "world_size": dist.world_size(),
         "host": platform.node(),
         "pid": os.getpid(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checkpoints and metrics
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
 
 
 def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
@@ -171,7 +287,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
-    if keep <= 0 or not is_main_process():
+    """Keep the newest ``keep`` checkpoints (rank 0; ``keep`` <= 0 keeps all)."""
+    if keep <= 0 or not dist.is_main():
         return
     for _, path in checkpoints(out_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
@@ -180,12 +297,18 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
 def truncate_metrics(out_dir: str | Path, after_step: int) -> None:
     """On resume, drop logged lines past the checkpoint we resume from, so no step appears twice."""
     path = Path(out_dir) / METRICS_FILE
-    if not path.exists() or not is_main_process():
+    if not path.exists() or not dist.is_main():
         return
     kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= after_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
+
+
+def logged_losses(out_dir: str | Path, key: str = "loss") -> dict[str, float]:
+    """``train_loss_first`` / ``train_loss_last`` from metrics.jsonl (empty when nothing was logged)."""
+    losses = [r[key] for r in read_jsonl(Path(out_dir) / METRICS_FILE) if key in r]
+    return {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
 
 
 class Timer:

@@ -17,17 +17,17 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import EvalRecord, read_records
+from ..errors import ConfigError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
 from ..model import build_model, freeze
 from ..tokenizer import load_tokenizer
-from .common import StageResult, Timer, input_fingerprints, load_result, provenance, write_result
+from .common import StageOutput, StageRun, stage
 from .reward import RewardScorer
 
 DEFAULT_REFUSAL_RULES = [
@@ -40,6 +40,8 @@ DEFAULT_REFUSAL_RULES = [
 
 
 class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 = greedy; the demo samples at 1.0 (seeded)")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -56,19 +58,13 @@ class EvalConfig(BaseModel):
 
 
 class EvalInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     checkpoints: dict[str, str]  # name -> policy checkpoint
     baseline: str  # one of the names
     prompts: str  # evaluation prompts (kind "eval")
     reward_helpfulness: str
     reward_safety: str
-
-
-def eval_config_for(size: str) -> EvalConfig:
-    if size in ("micro", "tiny", "small"):
-        # Sampled at temperature 1 (greedy would hide the unsafe minority SFT learned), 4 samples per prompt so a
-        # rate moves by ~0.01 from noise rather than ~0.02.
-        return EvalConfig(max_new_tokens=24, temperature=1.0, samples_per_prompt=4, batch_size=128)
-    return EvalConfig()
 
 
 class RefusalRules:
@@ -178,14 +174,11 @@ def compare_to_baseline(base_scores: list[float], cand_scores: list[float], tie_
             "tie_rate": round(tie / n, 4), "loss_rate": round(loss / n, 4)}
 
 
-def run_eval(config: EvalConfig, inputs: EvalInputs, out_dir: str | Path, progress=None) -> StageResult:
-    out_dir = Path(out_dir)
-    done = load_result(out_dir)
-    if done is not None:
-        return done
+@stage("eval")
+def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutput:
+    """Every checkpoint answers the evaluation prompts; judge the answers, compare each checkpoint to the baseline."""
     if inputs.baseline not in inputs.checkpoints:
-        raise ValueError(f"baseline {inputs.baseline!r} is not one of the checkpoints {sorted(inputs.checkpoints)}")
-    timer = Timer()
+        raise ConfigError(f"baseline {inputs.baseline!r} is not one of the checkpoints {sorted(inputs.checkpoints)}")
     records: list[EvalRecord] = read_records(inputs.prompts, "eval")
     if config.max_prompts:
         records = records[: config.max_prompts]
@@ -201,62 +194,51 @@ def run_eval(config: EvalConfig, inputs: EvalInputs, out_dir: str | Path, progre
     metrics: dict[str, dict] = {}
     names = [inputs.baseline] + [n for n in inputs.checkpoints if n != inputs.baseline]
     for k, name in enumerate(names):
-        path = inputs.checkpoints[name]
-        model = freeze(build_model(path, "policy", dtype=config.dtype))
-        tok = load_tokenizer(path)
-        gens = generate(model, tok, prompts, settings)
+        model = freeze(build_model(inputs.checkpoints[name], "policy", dtype=config.dtype))
+        gens = generate(model, load_tokenizer(inputs.checkpoints[name]), prompts, settings)
         del model
         answers[name] = gens.texts
-        h = rm_h.score(prompts, gens.texts)
-        s = rm_s.score(prompts, gens.texts)
+        h, s = rm_h.score(prompts, gens.texts), rm_s.score(prompts, gens.texts)
         judged[name] = judge_answers(expanded, gens.texts, h, s, config)
         metrics[name] = summarize_judgements(expanded, judged[name])
         metrics[name]["no_eos_frac"] = round(1 - sum(gens.finished) / len(gens.finished), 4)
-        if progress:
-            progress({"stage": "eval", "step": k + 1, "total": len(names), "metrics": {"checkpoint": name}})
+        run.report(k + 1, len(names), {"checkpoint": name})
 
     base_h = [j["rm_helpfulness"] for j in judged[inputs.baseline]]
     for name in names:
         cand_h = [j["rm_helpfulness"] for j in judged[name]]
         metrics[name].update(compare_to_baseline(base_h, cand_h, config.tie_margin, config.seed))
 
-    side_by_side = []
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.out_dir / "side_by_side.json", side_by_side(expanded, names, answers, judged, config))
+    atomic_write_json(run.out_dir / "answers.json", {
+        name: [{"id": r.id, "category": r.category, "prompt": p, "answer": a, **j}
+               for r, p, a, j in zip(expanded, prompts, answers[name], judged[name])] for name in names})
+    oracle = metrics[names[0]]["judge"] == "oracle"
+    rules_note = {
+        "refusal": "demo-world oracle" if oracle else f"refusal rules: {config.refusal_rules}",
+        "violation": "demo-world oracle" if oracle else f"not a refusal and sigmoid(safety RM) < "
+                                                        f"{config.violation_threshold}",
+    }
+    return StageOutput(final=None, steps=len(names),
+                       metrics={"checkpoints": metrics, "baseline": inputs.baseline, "rules": rules_note,
+                                "generation": settings.model_dump()},
+                       artifacts={"side_by_side": "side_by_side.json", "answers": "answers.json"})
+
+
+def side_by_side(expanded: list[EvalRecord], names: list[str], answers: dict[str, list[str]],
+                 judged: dict[str, list[dict]], config: EvalConfig) -> list[dict]:
+    """A few prompts per category (first sample of each) with every checkpoint's answer and judgement."""
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(expanded):
         if len(by_cat[r.category]) < config.side_by_side_per_category and i % config.samples_per_prompt == 0:
             by_cat[r.category].append(i)
+    rows = []
     for cat, idx in sorted(by_cat.items()):
         for i in idx:
-            row = {"category": cat, "prompt": prompts[i]}
+            row = {"category": cat, "prompt": expanded[i].prompt}
             for name in names:
                 row[name] = answers[name][i]
                 row[f"{name}_judgement"] = {k: judged[name][i][k] for k in ("correct", "refusal", "violation")}
-            side_by_side.append(row)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "side_by_side.json", side_by_side)
-    atomic_write_json(out_dir / "answers.json", {
-        name: [{"id": r.id, "category": r.category, "prompt": p, "answer": a, **j}
-               for r, p, a, j in zip(expanded, prompts, answers[name], judged[name])] for name in names})
-    rules_note = {
-        "refusal": "demo-world oracle" if metrics[names[0]]["judge"] == "oracle" else
-        f"refusal rules: {config.refusal_rules}",
-        "violation": "demo-world oracle" if metrics[names[0]]["judge"] == "oracle" else
-        f"not a refusal and sigmoid(safety RM) < {config.violation_threshold}",
-    }
-    result = StageResult(
-        stage="eval",
-        out_dir=str(out_dir),
-        final=None,
-        metrics={"checkpoints": metrics, "baseline": inputs.baseline, "rules": rules_note,
-                 "generation": settings.model_dump()},
-        steps=len(names),
-        duration_s=round(timer.elapsed, 2),
-        artifacts={"side_by_side": "side_by_side.json", "answers": "answers.json"},
-        config=config.model_dump(),
-        inputs=input_fingerprints({**{f"checkpoint:{k}": v for k, v in inputs.checkpoints.items()},
-                                   "prompts": inputs.prompts, "reward_helpfulness": inputs.reward_helpfulness,
-                                   "reward_safety": inputs.reward_safety, "baseline": inputs.baseline}),
-        provenance=provenance(),
-    )
-    return write_result(result)
+            rows.append(row)
+    return rows

@@ -22,18 +22,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from .. import dist
 from .. import ppo_core as core
 from ..data import read_records, write_jsonl
+from ..errors import InputError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_dir, atomic_write_json
 from ..model import build_model, freeze
 from ..tokenizer import load_tokenizer
-from .common import (FINAL_DIR, ProgressFn, StageResult, Timer, barrier, input_fingerprints, is_main_process,
-                     load_result, provenance, write_result)
+from .common import FINAL_DIR, StageOutput, StageRun, stage
 from .reward import RewardScorer
-from .sft import SFTConfig, SFTInputs, run_sft, sft_config_for
+from .sft import SFTConfig, SFTInputs, run_sft
 
 SAMPLES_FILE = "rs_samples.json"  # everything sampled and scored (the resume point)
 KEPT_FILE = "kept.jsonl"  # the best response per prompt, as SFT dialogues
@@ -41,6 +42,9 @@ SFT_DIR = "sft"
 
 
 class RejectionSamplingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="run this stage in the pipeline (SFT -> RS -> PPO)")
     k: int = Field(4, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, ge=0, description="paper: 1.2-1.3 when K is large; 1.0 for the demo")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -59,18 +63,12 @@ class RejectionSamplingConfig(BaseModel):
 
 
 class RSInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     policy: str  # the checkpoint to sample from and fine-tune (SFT, or the previous RS round)
     reward_helpfulness: str
     reward_safety: str
     prompts: str  # kind "prompts", with is_safety
-
-
-def rs_config_for(size: str) -> RejectionSamplingConfig:
-    if size in ("micro", "tiny", "small"):
-        return RejectionSamplingConfig(k=4, temperature=1.0, max_new_tokens=24, generation_batch_size=64,
-                                       score_batch_size=128, num_samples=4, sft=sft_config_for(size))
-    return RejectionSamplingConfig(k=16, temperature=1.2, max_new_tokens=512, generation_batch_size=32,
-                                   score_batch_size=32, sft=sft_config_for(size))
 
 
 def _sampling_key(config: RejectionSamplingConfig) -> dict:
@@ -110,7 +108,7 @@ def sample_and_score(config: RejectionSamplingConfig, inputs: RSInputs) -> dict:
     rc = core.combine_rewards(scores["rm_helpfulness"], scores["rm_safety"], is_safety, config.safety_threshold,
                               config.piecewise_reward)
     if not torch.isfinite(rc).all():
-        raise ValueError("rejection sampling: a reward model returned NaN or inf scores")
+        raise RuntimeError("rejection sampling: a reward model returned NaN or inf scores")
 
     prompts_out = []
     for p, i in enumerate(chosen):
@@ -169,73 +167,61 @@ def _link_tree(src: Path, dst: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=link)
 
 
-def run_rejection_sampling(config: RejectionSamplingConfig, inputs: RSInputs, out_dir: str | Path,
-                           progress: ProgressFn | None = None) -> StageResult:
-    out_dir = Path(out_dir)
-    done = load_result(out_dir)
-    if done is not None:
-        return done
-    timer = Timer()
-
-    samples_path = out_dir / SAMPLES_FILE
+@stage("rejection-sampling")
+def run_rejection_sampling(config: RejectionSamplingConfig, inputs: RSInputs, run: StageRun) -> StageOutput:
+    """Sample K responses per prompt, keep the best by the combined reward, fine-tune the policy on the kept ones."""
+    samples_path = run.out_dir / SAMPLES_FILE
     doc = json.loads(samples_path.read_text()) if samples_path.exists() else None
     reused = doc is not None and doc.get("sampling") == _sampling_key(config)
     if not reused:
         doc = sample_and_score(config, inputs)
-        if is_main_process():
-            out_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            run.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(samples_path, doc)
+    run.provenance["resumed_from"] = str(samples_path) if reused else None
     metrics = summarize_samples(doc)
-    if progress:
-        progress({"stage": "rejection-sampling", "step": 0, "total": 1, "metrics": metrics})
+    run.report(0, 1, metrics)
 
     kept = [p for p in doc["prompts"] if p["kept"] is not None]
     if not kept:
-        raise ValueError("rejection sampling kept nothing: every sampled response was empty")
-    kept_path = out_dir / KEPT_FILE
-    if is_main_process():
+        raise InputError("rejection sampling kept nothing: every sampled response was empty")
+    kept_path = run.out_dir / KEPT_FILE
+    if dist.is_main():
         write_jsonl([{"id": f"rs-{p['id'] or p['index']}", "category": "safety" if p["is_safety"] else "helpful",
                       "messages": p["messages"] + [{"role": "assistant",
                                                     "content": p["samples"][p["kept"]]["response"].strip()}]}
                      for p in kept], kept_path)
-    barrier()
+    dist.barrier()
 
     # Fine-tune on the kept samples: the SFT stage itself, in its own resumable directory.
     sft_result = run_sft(config.sft, SFTInputs(base=inputs.policy, data=str(kept_path), tokenizer=inputs.policy),
-                         out_dir / SFT_DIR, progress)
+                         run.out_dir / SFT_DIR, run.progress)
+    run.provenance["sft_resumed_from"] = sft_result.provenance.get("resumed_from")
     metrics.update({f"sft_{k}": v for k, v in sft_result.metrics.items()
                     if k in ("train_loss_first", "train_loss_last", "val_loss", "train_examples")})
-
     artifacts: dict[str, str] = {}
-    if is_main_process():
-        _link_tree(Path(sft_result.final), out_dir / FINAL_DIR)
-        show = [{"prompt": p["messages"][-1]["content"], "is_safety": p["is_safety"], "kept": p["kept"],
-                 "samples": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
-                             for s in p["samples"]]}
-                for p in doc["prompts"][: config.num_samples]]
-        atomic_write_json(out_dir / "samples.json", show)
-        artifacts["samples"] = "samples.json"
-        from ..plots import plot_histograms
+    if dist.is_main():
+        _link_tree(Path(sft_result.final), run.out_dir / FINAL_DIR)
+        artifacts = _write_artifacts(config, doc, kept, sft_result, run.out_dir)
+    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=sft_result.steps, artifacts=artifacts)
 
-        all_r = [s["reward_combined"] for p in doc["prompts"] for s in p["samples"]]
-        kept_r = [p["samples"][p["kept"]]["reward_combined"] for p in kept]
-        if plot_histograms({f"all samples (K={config.k})": all_r, "kept (best of K)": kept_r},
-                           out_dir / "reward_distribution.png", title="Rejection sampling: combined reward"):
-            artifacts["reward_distribution"] = "reward_distribution.png"
-        if "curves" in sft_result.artifacts:
-            artifacts["sft_curves"] = f"{SFT_DIR}/{sft_result.artifacts['curves']}"
-    result = StageResult(
-        stage="rejection-sampling",
-        out_dir=str(out_dir),
-        final=str(out_dir / FINAL_DIR),
-        metrics=metrics,
-        steps=sft_result.steps,
-        duration_s=round(timer.elapsed, 2),
-        artifacts=artifacts,
-        config=config.model_dump(),
-        inputs=input_fingerprints(inputs.model_dump()),
-        provenance={**provenance(), "resumed_from": str(samples_path) if reused else None,
-                    "sft_resumed_from": sft_result.provenance.get("resumed_from")},
-    )
-    return write_result(result)
 
+def _write_artifacts(config: RejectionSamplingConfig, doc: dict, kept: list[dict], sft_result, out_dir: Path
+                     ) -> dict[str, str]:
+    """A few prompts with all their samples, the reward distribution of all against kept samples (rank 0)."""
+    from ..plots import plot_histograms
+
+    show = [{"prompt": p["messages"][-1]["content"], "is_safety": p["is_safety"], "kept": p["kept"],
+             "samples": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
+                         for s in p["samples"]]}
+            for p in doc["prompts"][: config.num_samples]]
+    atomic_write_json(out_dir / "samples.json", show)
+    artifacts = {"samples": "samples.json"}
+    all_r = [s["reward_combined"] for p in doc["prompts"] for s in p["samples"]]
+    kept_r = [p["samples"][p["kept"]]["reward_combined"] for p in kept]
+    if plot_histograms({f"all samples (K={config.k})": all_r, "kept (best of K)": kept_r},
+                       out_dir / "reward_distribution.png", title="Rejection sampling: combined reward"):
+        artifacts["reward_distribution"] = "reward_distribution.png"
+    if "curves" in sft_result.artifacts:
+        artifacts["sft_curves"] = f"{SFT_DIR}/{sft_result.artifacts['curves']}"
+    return artifacts

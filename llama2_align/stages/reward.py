@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from .. import dist
 from ..chat import encode_dialog, prompt_messages
 from ..data import RATINGS, PreferenceRecord, read_records
+from ..errors import InputError
 from ..io import atomic_write_json, read_jsonl
 from ..model import build_model, freeze, is_peft, save_model, trainable_parameters
 from ..tokenizer import load_tokenizer
-from .common import (FINAL_DIR, METRICS_FILE, ProgressFn, StageResult, Timer, input_fingerprints, is_main_process,
-                     load_result, provenance, write_result)
-from .training import MetricsCallback, TrainStageConfig, make_trainer, resume_checkpoint, trainer_arguments
+from .common import FINAL_DIR, METRICS_FILE, StageOutput, StageRun, logged_losses, stage
+from .training import TrainStageConfig, make_trainer, train, trainer_arguments
 
 RM_KINDS = ("helpfulness", "safety")
 
@@ -60,20 +61,11 @@ class RewardConfig(TrainStageConfig):
 
 
 class RewardInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     sft_model: str  # the SFT checkpoint (its tokenizer is used)
     data: str  # preference pairs of both categories
     data_format: Literal["auto", "native", "hh-rlhf", "pku-saferlhf"] = "auto"
-
-
-def reward_config_for(size: str, kind: str) -> RewardConfig:
-    if size in ("micro", "tiny", "small"):
-        return RewardConfig(kind=kind, learning_rate=1e-3, batch_size=32, micro_batch_size=32, max_length=128,
-                            min_warmup_steps=5, logging_steps=10, eval_steps=50, save_steps=100, weight_decay=0.0,
-                            # 2 epochs (the paper: 1): a from-scratch tiny RM is still underfit after one.
-                            epochs=2.0, score_batch_size=128)
-    lr = 5e-6 if size == "llama2-70b" else 1e-5
-    return RewardConfig(kind=kind, learning_rate=lr, micro_batch_size=4 if size != "llama2-70b" else 1,
-                        gradient_checkpointing=True)
 
 
 def margin_for(rating: str, table: str) -> float:
@@ -168,7 +160,7 @@ class RewardScorer:
 
     def score(self, prompts: Sequence[str | Sequence[dict]], responses: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+            raise InputError(f"{len(prompts)} prompts but {len(responses)} responses")
         seqs = [encode_dialog(self.tokenizer, prompt_messages(p) + [{"role": "assistant", "content": r}]).input_ids
                 for p, r in zip(prompts, responses)]
         return self.score_ids(seqs)
@@ -211,76 +203,59 @@ def evaluate_pairs(scorer: RewardScorer, records: Sequence[PreferenceRecord], un
     return metrics
 
 
-def run_reward(config: RewardConfig, inputs: RewardInputs, out_dir: str | Path, progress: ProgressFn | None = None
-               ) -> StageResult:
+@stage(lambda config: f"reward-{config.kind}")
+def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> StageOutput:
+    """Train one reward model (``config.kind``) on the mixed preference pairs; evaluate it on held-out pairs."""
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    out_dir = Path(out_dir)
-    done = load_result(out_dir)
-    if done is not None:
-        return done
-    timer = Timer()
-
     records = read_records(inputs.data, "preference", format=inputs.data_format)
-    cats = {r.category for r in records}
-    if config.kind not in cats:
-        raise ValueError(f"{inputs.data}: no {config.kind} pairs: the {config.kind} reward model has nothing to learn")
+    if config.kind not in {r.category for r in records}:
+        raise InputError(f"{inputs.data}: no {config.kind} pairs: the {config.kind} reward model has nothing to learn")
     tokenizer = load_tokenizer(inputs.sft_model)
     train_pool, heldout = split_heldout(records, config.heldout_fraction, config.max_heldout_per_category,
                                         config.seed)
     train_recs = mix_training_pairs(train_pool, config)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
     # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the SFT checkpoint itself.
     model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=config.dtype, seed=config.seed,
                         gradient_checkpointing=config.gradient_checkpointing, continue_adapter=False)
-    base = inputs.sft_model
     train_ds = Dataset.from_list(tokenize_pairs(tokenizer, train_recs, config.margin))
     eval_recs = [r for r in heldout if r.category == config.kind][:256]
     eval_ds = Dataset.from_list(tokenize_pairs(tokenizer, eval_recs, config.margin)) if eval_recs else None
-    args = TRLRewardConfig(**trainer_arguments(config, out_dir, len(train_ds), eval_ds is not None),
+    args = TRLRewardConfig(**trainer_arguments(config, run.out_dir, len(train_ds), eval_ds is not None),
                            center_rewards_coefficient=None, disable_dropout=True)
-    trainer = make_trainer(RewardTrainer, config, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, callbacks=[MetricsCallback(out_dir, f"reward-{config.kind}",
-                                                                             progress)])
-    resume = resume_checkpoint(out_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer = make_trainer(RewardTrainer, config, run, model=model, args=args, train_dataset=train_ds,
+                           eval_dataset=eval_ds, processing_class=tokenizer)
+    train(trainer, run)
 
     metrics: dict = {}
     artifacts: dict[str, str] = {}
-    if is_main_process():
-        final = save_model(trainer.model, out_dir / FINAL_DIR, tokenizer, role="reward",
-                           base=base if is_peft(trainer.model) else None)
+    if dist.is_main():
+        final = save_model(trainer.model, run.out_dir / FINAL_DIR, tokenizer, role="reward",
+                           base=inputs.sft_model if is_peft(trainer.model) else None)
         scorer = RewardScorer(final, model=freeze(trainer.model), tokenizer=tokenizer,
                               batch_size=config.score_batch_size)
         metrics = evaluate_pairs(scorer, heldout, config.unsafe_threshold)
         trained, total = trainable_parameters(trainer.model)
         metrics.update(kind=config.kind, margin=config.margin, train_pairs=len(train_recs),
-                       train_pairs_by_category={c: sum(1 for r in train_recs if r.category == c) for c in sorted(cats)},
-                       trainable_params=trained, total_params=total)
-        logs = read_jsonl(out_dir / METRICS_FILE)
-        losses = [r["loss"] for r in logs if "loss" in r]
-        if losses:
-            metrics.update(train_loss_first=losses[0], train_loss_last=losses[-1])
-        atomic_write_json(out_dir / "heldout_metrics.json", metrics)
-        artifacts["heldout_metrics"] = "heldout_metrics.json"
-        from ..plots import plot_curves
+                       train_pairs_by_category={c: sum(1 for r in train_recs if r.category == c)
+                                                for c in sorted({r.category for r in records})},
+                       trainable_params=trained, total_params=total, **logged_losses(run.out_dir))
+        artifacts = _write_artifacts(config, metrics, run.out_dir)
+    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=trainer.state.global_step,
+                       artifacts=artifacts)
 
-        if plot_curves(logs, ["loss", "accuracy", "eval_accuracy"], out_dir / "curves.png",
-                       title=f"{config.kind} reward model"):
-            artifacts["curves"] = "curves.png"
-    result = StageResult(
-        stage=f"reward-{config.kind}",
-        out_dir=str(out_dir),
-        final=str(out_dir / FINAL_DIR),
-        metrics=metrics,
-        steps=int(trainer.state.global_step),
-        duration_s=round(timer.elapsed, 2),
-        artifacts=artifacts,
-        config=config.model_dump(),
-        inputs=input_fingerprints(inputs.model_dump()),
-        provenance={**provenance(), "resumed_from": resume},
-    )
-    return write_result(result)
+
+def _write_artifacts(config: RewardConfig, metrics: dict, out_dir: Path) -> dict[str, str]:
+    """The held-out metrics as JSON and the training curves (rank 0)."""
+    from ..plots import plot_curves
+
+    atomic_write_json(out_dir / "heldout_metrics.json", metrics)
+    artifacts = {"heldout_metrics": "heldout_metrics.json"}
+    if plot_curves(read_jsonl(out_dir / METRICS_FILE), ["loss", "accuracy", "eval_accuracy"], out_dir / "curves.png",
+                   title=f"{config.kind} reward model"):
+        artifacts["curves"] = "curves.png"
+    return artifacts

@@ -1,9 +1,10 @@
-"""What the TRL-trained stages (SFT, reward models) share: one config base, atomic checkpoints, metrics, resume.
+"""What the TRL-trained stages (SFT, reward models) share: one config base, atomic checkpoints, metrics.
 
 TRL's trainers are transformers ``Trainer`` subclasses: they already save optimizer, scheduler, RNG and data
 position in ``checkpoint-<step>`` and skip the batches already seen on resume. Two things are added here:
 checkpoints are written into a staging directory and renamed into place when complete (a kill mid-save never leaves
-a half checkpoint that resume would pick), and metrics go to ``metrics.jsonl`` with a progress hook.
+a half checkpoint that resume would pick), and metrics go to ``metrics.jsonl`` with a progress hook. Where to resume
+from is the stage skeleton's job (``StageRun.resume``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import TrainerCallback
 
+from .. import dist
 from ..io import append_jsonl
 from ..model import LoraSettings
-from .common import METRICS_FILE, STAGING_DIR, ProgressFn, is_main_process, latest_checkpoint, truncate_metrics
+from .common import METRICS_FILE, STAGING_DIR, StageRun, prune_checkpoints
 
 
 class TrainStageConfig(BaseModel):
     """Optimisation settings shared by the supervised stages. ``batch_size`` is the effective (global) batch:
     gradient accumulation is derived from it, so halving ``micro_batch_size`` (OOM back-off) keeps it fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+
 
     learning_rate: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -71,18 +76,15 @@ class TrainStageConfig(BaseModel):
     def warmup_steps(self, total_steps: int) -> int:
         return max(self.min_warmup_steps, math.ceil(self.warmup_ratio * total_steps))
 
+    def smaller(self) -> "TrainStageConfig | None":
+        """The OOM back-off: half the micro-batch, twice the accumulation, same effective batch (None at 1)."""
+        if self.micro_batch_size <= 1:
+            return None
+        return self.model_copy(update={"micro_batch_size": self.micro_batch_size // 2})
 
-def halve_micro_batch(config: TrainStageConfig) -> TrainStageConfig:
-    """The OOM back-off: half the micro-batch, twice the accumulation, same effective batch.
-
-    Raises when the micro-batch is already 1 (nothing left to halve)."""
-    if config.micro_batch_size <= 1:
-        raise ValueError("out of memory at micro_batch_size 1: nothing left to halve")
-    return config.model_copy(update={"micro_batch_size": config.micro_batch_size // 2})
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    def batch_summary(self) -> str:
+        return (f"micro_batch_size {self.micro_batch_size}, gradient accumulation {self.gradient_accumulation()} "
+                f"(effective batch {self.batch_size})")
 
 
 def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has_eval: bool) -> dict:
@@ -91,7 +93,7 @@ def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has
 
     device = resolve_device("auto")
     dtype = resolve_dtype(config.dtype, device)
-    ws = world_size()
+    ws = dist.world_size()
     total = config.planned_steps(n_train, ws)
     kwargs = dict(
         output_dir=str(out_dir),
@@ -116,7 +118,7 @@ def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has
         seed=config.seed,
         data_seed=config.seed,
         report_to="none",
-        disable_tqdm=not (config.progress_bar and is_main_process()),
+        disable_tqdm=not (config.progress_bar and dist.is_main()),
         dataloader_num_workers=0,
         activation_checkpointing=config.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         remove_unused_columns=False,
@@ -157,40 +159,23 @@ class AtomicCheckpoints:
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging / name, target)
-            from .common import prune_checkpoints
-
             prune_checkpoints(run_dir, self.args.save_total_limit or 0)
         self.accelerator.wait_for_everyone()
 
 
 class MetricsCallback(TrainerCallback):
-    """Append every log line to metrics.jsonl (rank 0) and report progress."""
+    """Append every log line to metrics.jsonl (rank 0) and report it as progress."""
 
-    def __init__(self, out_dir: Path, stage: str, progress: ProgressFn | None = None):
-        self.path = Path(out_dir) / METRICS_FILE
-        self.stage = stage
-        self.progress = progress
+    def __init__(self, run: StageRun):
+        self.run = run
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         record.update({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))})
-        append_jsonl(self.path, record)
-        if self.progress:
-            self.progress({"stage": self.stage, "step": state.global_step, "total": state.max_steps,
-                           "metrics": record})
-
-
-def resume_checkpoint(out_dir: Path) -> str | None:
-    """The newest complete checkpoint to resume from (metrics past it are dropped so no step is logged twice)."""
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is None:
-        if is_main_process():
-            (Path(out_dir) / METRICS_FILE).unlink(missing_ok=True)
-        return None
-    truncate_metrics(out_dir, int(ckpt.name.split("-")[1]))
-    return str(ckpt)
+        append_jsonl(self.run.out_dir / METRICS_FILE, record)
+        self.run.report(state.global_step, state.max_steps, record)
 
 
 def trainer_class(base):
@@ -198,16 +183,24 @@ def trainer_class(base):
     return type(f"Atomic{base.__name__}", (AtomicCheckpoints, base), {})
 
 
-def make_trainer(base, config: TrainStageConfig, **kwargs):
-    """Build a TRL trainer with atomic checkpoints. Without a progress bar it is quiet too: no per-log dict prints
-    and no dataset-preparation bars (the stage's progress callback and metrics.jsonl carry that information)."""
+def make_trainer(base, config: TrainStageConfig, run: StageRun, **kwargs):
+    """Build a TRL trainer with atomic checkpoints that logs into the stage's metrics.jsonl. Without a progress bar
+    it is quiet too: no per-log dict prints and no dataset-preparation bars (the stage's progress events and
+    metrics.jsonl carry that information)."""
     if not config.progress_bar:
         import datasets
 
         datasets.disable_progress_bars()
-    trainer = trainer_class(base)(**kwargs)
+    trainer = trainer_class(base)(callbacks=[MetricsCallback(run)], **kwargs)
     if not config.progress_bar:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def train(trainer, run: StageRun) -> None:
+    """Train to the end, resuming from the stage's newest complete checkpoint (optimizer, scheduler, RNG and data
+    position come back with it)."""
+    resume = run.resume()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
