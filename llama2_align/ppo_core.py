@@ -1,35 +1,47 @@
 """The maths of PPO for RLHF, as small pure functions on tensors (each unit-tested by hand).
 
 Shapes: ``[B, T]`` over response tokens, with ``mask`` 1 on real response tokens and 0 on padding.
+
+Statistics over a batch (the means and variances behind whitening) take an optional ``all_sum`` hook: a function
+that sums a tensor over every data-parallel rank (``dist.all_sum``). With it, a rank whitens its share of the batch
+with the statistics of the whole global batch; without it, with its own.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+AllSum = Callable[[torch.Tensor], torch.Tensor]
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, all_sum: AllSum | None = None) -> torch.Tensor:
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
+        total = torch.stack([(x * mask).sum(), mask.sum()])
+        if all_sum is not None:
+            total = all_sum(total)
+        return total[0] / total[1].clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    return masked_mean((x - mean) ** 2, mask)
+def masked_var(x: torch.Tensor, mask: torch.Tensor, all_sum: AllSum | None = None) -> torch.Tensor:
+    mean = masked_mean(x, mask, all_sum=all_sum)
+    return masked_mean((x - mean) ** 2, mask, all_sum=all_sum)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
-           ) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; ``shift_mean=False`` keeps the mean (only rescales)."""
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           all_sum: AllSum | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (of every rank, with ``all_sum``); ``shift_mean=False`` keeps the
+    mean (only rescales)."""
     if mask is None:
         mask = torch.ones_like(x)
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, all_sum=all_sum), masked_var(x, mask, all_sum=all_sum)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype) if mask is not None else out
+    return out * mask.to(x.dtype)
 
 
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -51,10 +63,17 @@ def combine_rewards(rm_helpfulness: torch.Tensor, rm_safety: torch.Tensor, is_sa
     return torch.where(use_safety, rs, rh)
 
 
-def final_scores(rc: torch.Tensor, use_logit: bool = True, use_whiten: bool = True) -> torch.Tensor:
-    """``whiten(logit(Rc))``: undo the sigmoid, then normalise across the batch (each switchable)."""
+def final_scores(rc: torch.Tensor, use_logit: bool = True, use_whiten: bool = True,
+                 all_sum: AllSum | None = None) -> torch.Tensor:
+    """``whiten(logit(Rc))``: undo the sigmoid, then normalise across the batch (each switchable). With ``all_sum``
+    the batch is the global one; a batch of one score is not whitened."""
     x = logit(rc) if use_logit else rc
-    return whiten(x) if use_whiten and x.numel() > 1 else x
+    if not use_whiten:
+        return x
+    n = torch.tensor(float(x.numel()), device=x.device)
+    if all_sum is not None:
+        n = all_sum(n)
+    return whiten(x, all_sum=all_sum) if float(n) > 1 else x
 
 
 def token_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,

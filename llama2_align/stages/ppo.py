@@ -1,38 +1,58 @@
-"""PPO against the two reward models, as in Llama 2-Chat (§3.2.3), written as a readable reference loop.
+"""PPO against the two reward models, as in Llama 2-Chat (§3.2.3): a loop you can read in one screen.
 
-One iteration:
-1. rollout   sample responses for a batch of prompts from the policy (KV cache, temperature, top-p, EOS stop);
-2. scoring   log-probs of the policy and the frozen reference, per-token values, both RM scores;
-             reward ``whiten(logit(Rc))`` on the last token (Rc: the safety-gated piecewise reward), a per-token
-             KL penalty ``-β·(log π - log π0)``, a fixed penalty when a response hits the length limit without EOS;
-3. optimise  GAE advantages (whitened), several epochs of clipped policy and value updates over mini-batches.
+The loop (:func:`run_ppo`) is flat; each phase is a function below it with the paper it follows:
+
+    for each iteration:
+        rollout     sample responses for this rank's share of the prompts (KV cache, temperature, top-p, EOS stop)
+        score       log-probs of the policy and the frozen reference, values, both reward models, and the reward:
+                    ``whiten(logit(Rc))`` on the last token (Rc: the safety-gated piecewise reward), a per-token KL
+                    penalty ``-β·(log π - log π0)``, a fixed penalty for a response that hit the length limit
+        advantages  GAE (γ 1, λ 0.95), whitened over the global batch
+        optimise    PPO epochs of clipped policy and value updates over mini-batches, gradients averaged over ranks
+        log         global metrics, sample rows, progress
+        checkpoint  every ``save_every`` iterations: policy, value, optimizers, RNG and prompt order (no pickle)
 
 Roles: the policy (SFT checkpoint, full or LoRA), the reference (the SFT policy; with LoRA the same weights with
-adapters disabled), a value model initialised from the helpfulness reward model, the two frozen reward models.
-Under torchrun every rank rolls out its own share of the prompts; gradients are averaged across ranks and rank 0
-writes. Every piece of the reward switches off in config, for the paper's ablations.
+adapters disabled), a value model initialised from a reward model, the two frozen reward models. Under torchrun
+every rank rolls out its own share of the prompts; rank 0 writes. Every piece of the reward switches off in config,
+for the paper's ablations. The maths is ``ppo_core`` (pure functions, unit-tested); names follow cleanrl: ``b_`` for
+the iteration's batch, ``mb_`` for a mini-batch.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from .. import dist
 from .. import ppo_core as core
 from ..chat import encode_prompt
-from ..data import read_records
+from ..data import PromptRecord, read_records
+from ..errors import ConfigError
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
-from ..model import LoraSettings, build_model, build_reference, is_peft, save_model, unwrap
+from ..model import LoraSettings, Reference, build_model, build_reference, is_peft, save_model, unwrap
 from ..tokenizer import load_tokenizer
-from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, ProgressFn, StageResult, Timer, input_fingerprints,
-                     is_main_process, latest_checkpoint, load_result, provenance, prune_checkpoints,
-                     truncate_metrics, write_result)
+from .common import (
+    FINAL_DIR,
+    METRICS_FILE,
+    STAGING_DIR,
+    StageOutput,
+    StageRun,
+    Timer,
+    checkpoint_step,
+    prune_checkpoints,
+    stage,
+)
 from .reward import RewardScorer
+
+VALUE_DIR = "value"
 
 
 class NonFiniteError(RuntimeError):
@@ -40,6 +60,8 @@ class NonFiniteError(RuntimeError):
 
 
 class PPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     iterations: int = Field(200, ge=1)
     prompts_per_iteration: int = Field(512, ge=1, description="rollouts per iteration, all ranks together")
     mini_batch_size: int = Field(64, ge=1)
@@ -90,75 +112,487 @@ class PPOConfig(BaseModel):
     seed: int = 0
     num_processes: int = Field(1, ge=1)
 
+    def smaller(self) -> "PPOConfig | None":
+        """The OOM back-off: half the micro-batch (more accumulation, same mini-batch) and half the generation and
+        scoring batches; None when all three are 1."""
+        sizes = ("micro_batch_size", "generation_batch_size", "score_batch_size")
+        if all(getattr(self, k) <= 1 for k in sizes):
+            return None
+        return self.model_copy(update={k: max(1, getattr(self, k) // 2) for k in sizes})
 
-    @property
-    def batch_size(self) -> int:
-        """The optimizer step's batch (a mini-batch); the OOM back-off keeps it fixed."""
-        return self.mini_batch_size
-
-    def gradient_accumulation(self, world_size: int = 1) -> int:
-        return max(1, self.mini_batch_size // (self.micro_batch_size * world_size))
+    def batch_summary(self) -> str:
+        return (f"micro_batch_size {self.micro_batch_size} (mini-batch {self.mini_batch_size}), "
+                f"generation_batch_size {self.generation_batch_size}, score_batch_size {self.score_batch_size}")
 
 
 class PPOInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     policy: str  # the SFT (or rejection-sampling) checkpoint
     reward_helpfulness: str
     reward_safety: str
     prompts: str  # PPO prompts (kind "prompts", with is_safety)
 
 
-def ppo_config_for(size: str) -> PPOConfig:
-    if size in ("micro", "tiny", "small"):
-        return PPOConfig(iterations=30, prompts_per_iteration=64, mini_batch_size=32, micro_batch_size=32,
-                         ppo_epochs=2, learning_rate=3e-5, value_learning_rate=1e-4, weight_decay=0.0,
-                         kl_beta=0.02, max_new_tokens=24, save_every=10, sample_every=10,
-                         generation_batch_size=64, score_batch_size=128)
-    beta = 0.005 if size in ("llama2-70b", "llama2-34b") else 0.01
-    return PPOConfig(kl_beta=beta, lora=LoraSettings(enabled=size != "llama2-7b-full"), gradient_checkpointing=True)
-
-
 # ------------------------------------------------------------------------------------------------------------------
-# Distributed helpers: a plain torch.distributed data-parallel loop (no-ops in one process)
+# The loop
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank_world() -> tuple[int, int]:
-    d = _dist()
-    return (d.get_rank(), d.get_world_size()) if d else (0, 1)
-
-
-def _all_mean(x: torch.Tensor) -> torch.Tensor:
-    d = _dist()
-    if d is None:
-        return x
-    x = x.clone()
-    d.all_reduce(x)
-    return x / d.get_world_size()
-
-
-def _average_gradients(params) -> None:
-    d = _dist()
-    if d is None:
-        return
-    for p in params:
-        if p.grad is not None:
-            d.all_reduce(p.grad)
-            p.grad /= d.get_world_size()
+@stage("ppo")
+def run_ppo(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> StageOutput:
+    """PPO of the policy against both reward models; resumes from its newest checkpoint."""
+    s = setup(config, inputs, run)
+    metrics: dict = {}
+    for it in range(s.start_iteration + 1, config.iterations + 1):
+        clock = PhaseClock()
+        # 1. rollout: this rank's share of the next prompts, answered by the current policy
+        b_prompts = s.prompt_order.next_batch()
+        b_responses, b_rollout_logprobs = rollout(s, b_prompts, config)
+        clock.lap("rollout")
+        # 2. score: log π_old, log π_ref, values, both RM scores -> per-token rewards
+        exp = score(s, b_prompts, b_responses, b_rollout_logprobs, config, it)
+        # 3. advantages: GAE over the per-token rewards, whitened over the global batch
+        compute_advantages(exp, config)
+        clock.lap("scoring")
+        # 4. optimise: clipped policy and value updates over mini-batches, for ppo_epochs epochs
+        stats, stopped = optimise(s, exp, config, it)
+        clock.lap("optim")
+        # 5. log: metrics averaged over every rank, sample rows, progress
+        metrics = log_iteration(s, exp, stats, stopped, clock, it, config, run)
+        # 6. checkpoint: every save_every iterations (the last iteration is saved as final below)
+        if it % config.save_every == 0 and it < config.iterations:
+            save_checkpoint(s, it, config, run.out_dir)
+    return finish(s, metrics, config, run)
 
 
-def _gather_cat(x: torch.Tensor) -> torch.Tensor:
-    d = _dist()
-    if d is None:
-        return x
-    parts = [torch.empty_like(x) for _ in range(d.get_world_size())]
-    d.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+# ------------------------------------------------------------------------------------------------------------------
+# Set-up: the models, the optimizers, the prompts and the random state
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class PromptOrder:
+    """Epochs over the prompts in a seeded random order. Each iteration takes the next ``per_iteration`` prompts of
+    the global order (a new shuffled epoch starts when one runs out); each rank keeps its contiguous share."""
+
+    def __init__(self, n_prompts: int, per_iteration: int, seed: int, rank: int = 0, world: int = 1):
+        self.n_prompts, self.per_iteration, self.rank, self.world = n_prompts, per_iteration, rank, world
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.cursor = 0
+
+    def next_batch(self) -> list[int]:
+        picked: list[int] = []
+        while len(picked) < self.per_iteration:
+            if self.cursor >= len(self.order):
+                self.order = list(range(self.n_prompts))
+                self.rng.shuffle(self.order)
+                self.cursor = 0
+            take = min(self.per_iteration - len(picked), len(self.order) - self.cursor)
+            picked += self.order[self.cursor:self.cursor + take]
+            self.cursor += take
+        share = self.per_iteration // self.world
+        return picked[self.rank * share:(self.rank + 1) * share]
+
+    def state_dict(self) -> dict:
+        return {"order": self.order, "cursor": self.cursor, "rng": _random_state_to_json(self.rng.getstate())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.cursor = [int(i) for i in state["order"]], int(state["cursor"])
+        self.rng.setstate(_random_state_from_json(state["rng"]))
+
+
+@dataclass
+class PPOState:
+    """What the loop carries from one iteration to the next."""
+
+    policy: torch.nn.Module  # trainable causal LM (full or LoRA)
+    reference: Reference  # frozen π0: the policy with adapters off (LoRA), else a frozen copy
+    value: torch.nn.Module  # trainable scalar head, read on every token
+    rm_helpfulness: RewardScorer
+    rm_safety: RewardScorer
+    opt_policy: torch.optim.Optimizer
+    opt_value: torch.optim.Optimizer
+    tokenizer: object
+    prompts: list[PromptRecord]
+    prompt_ids: list[list[int]]  # each prompt rendered in the Llama 2 chat format
+    prompt_order: PromptOrder
+    sampler: torch.Generator  # the rollouts' sampling
+    device: torch.device
+    bases: dict[str, str]  # what a saved LoRA policy / value points to as its base
+    rollout_logprobs: bool  # log π_old recorded while sampling instead of a second forward pass
+    start_iteration: int = 0
+    samples: list[dict] = field(default_factory=list)  # the sample rows of samples.json
+
+
+def setup(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> PPOState:
+    """Read the prompts, build the five roles and both optimizers, seed the sampling; when resuming, restore the
+    checkpoint's models, optimizers, random state and prompt order."""
+    rank, world = dist.rank(), dist.world_size()
+    if config.prompts_per_iteration % world:
+        raise ConfigError(f"prompts_per_iteration ({config.prompts_per_iteration}) must divide among {world} "
+                          "processes")
+    prompts = read_records(inputs.prompts, "prompts")
+    tokenizer = load_tokenizer(inputs.policy)
+    resume = run.resume()
+    value_init = inputs.reward_helpfulness if config.value_init == "helpfulness" else inputs.reward_safety
+    # A fresh start merges an adapter checkpoint first (continue_adapter=False), so new LoRA adapters sit on the
+    # exact SFT policy and "adapters off" is the reference, with no second copy; a resume continues its adapters.
+    models = dict(dtype=config.dtype, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+                  continue_adapter=resume is not None)
+    policy = build_model(resume / "policy" if resume else inputs.policy, "policy",
+                         lora=None if resume else config.lora, **models)
+    reference = build_reference(policy, inputs.policy, dtype=config.dtype)
+    value_lora = config.value_lora if config.value_lora is not None else config.lora
+    value = build_model(resume / VALUE_DIR if resume else value_init, "value", lora=None if resume else value_lora,
+                        **models)
+    device = next(policy.parameters()).device
+    s = PPOState(
+        policy=policy, reference=reference, value=value,
+        rm_helpfulness=RewardScorer(inputs.reward_helpfulness, dtype=config.dtype, batch_size=config.score_batch_size),
+        rm_safety=RewardScorer(inputs.reward_safety, dtype=config.dtype, batch_size=config.score_batch_size),
+        opt_policy=_optimizer(policy, config.learning_rate, config),
+        opt_value=_optimizer(value, config.value_learning_rate, config),
+        tokenizer=tokenizer, prompts=prompts,
+        prompt_ids=[encode_prompt(tokenizer, r.context_messages()) for r in prompts],
+        prompt_order=PromptOrder(len(prompts), config.prompts_per_iteration, config.seed, rank, world),
+        sampler=torch.Generator(device=device).manual_seed(config.seed + 1000 * rank), device=device,
+        # the base a saved LoRA model points to: the model its new adapters were put on (an adapter is a valid base)
+        bases={"policy": inputs.policy, VALUE_DIR: value_init},
+        rollout_logprobs=config.rollout_logprobs if config.rollout_logprobs is not None
+        else next(policy.parameters()).dtype == torch.float32)
+    torch.manual_seed(config.seed + rank)
+    if resume is not None:
+        restore_checkpoint(s, resume)
+        samples = run.out_dir / "samples.json"
+        if samples.exists():  # only the iterations the checkpoint covers: later ones are logged again as they re-run
+            s.samples = [r for r in json.loads(samples.read_text()) if r["iteration"] <= s.start_iteration]
+    elif dist.is_main():
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+    return s
+
+
+def _optimizer(model: torch.nn.Module, lr: float, config: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW as in the paper: β1 0.9, β2 0.95, eps 1e-5, weight decay 0.1 (config)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
+                             weight_decay=config.weight_decay)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Rollout and scoring
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def rollout(s: PPOState, b_prompts: list[int], config: PPOConfig
+            ) -> tuple[list[list[int]], list[torch.Tensor] | None]:
+    """One response per prompt from the current policy (KV cache; stop at EOS or ``max_new_tokens``), in chunks of
+    ``generation_batch_size``. Returns the response ids (EOS included when the model stopped) and, when
+    ``s.rollout_logprobs``, each response's token log-probs under the policy that sampled it (log π_old)."""
+    b_responses: list[list[int]] = []
+    b_logprobs: list[torch.Tensor] | None = [] if s.rollout_logprobs else None
+    for start in range(0, len(b_prompts), config.generation_batch_size):
+        chunk = b_prompts[start:start + config.generation_batch_size]
+        b_responses += generate_ids(s.policy, [s.prompt_ids[i] for i in chunk], eos_token_id=s.tokenizer.eos_token_id,
+                                    pad_token_id=s.tokenizer.pad_token_id, max_new_tokens=config.max_new_tokens,
+                                    temperature=config.temperature, top_p=config.top_p, generator=s.sampler,
+                                    logprobs=b_logprobs)
+    return b_responses, b_logprobs
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts on this rank, scored (after OpenRLHF's ``Experience``). B rollouts; T = the longest
+    response (shorter ones are padded; ``batch.mask`` (B, T) marks the real response tokens)."""
+
+    prompts: list[int]  # (B,) prompt indices
+    responses: list[list[int]]  # (B,) response ids, EOS included when the model stopped
+    batch: "Batch"  # (B, W) prompt + response ids; response_ids (B, T), mask (B, T)
+    finished: torch.Tensor  # (B,) the response ended with EOS
+    logprobs: torch.Tensor  # (B, T) log π_old(a|s): the policy that sampled
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref(a|s)
+    values: torch.Tensor  # (B, T) V_old(s)
+    rm_helpfulness: torch.Tensor  # (B,) raw helpfulness RM score
+    rm_safety: torch.Tensor  # (B,) raw safety RM score
+    reward_combined: torch.Tensor  # (B,) Rc, on the probability scale
+    score: torch.Tensor  # (B,) whiten(logit(Rc)), plus the missing-EOS penalty
+    kl: torch.Tensor  # (B, T) log π_old - log π_ref
+    rewards: torch.Tensor  # (B, T) -β·kl on every token, plus the score on the last one
+    advantages: torch.Tensor | None = None  # (B, T) GAE, whitened
+    returns: torch.Tensor | None = None  # (B, T) advantages + values
+
+
+@torch.no_grad()
+def score(s: PPOState, b_prompts: list[int], b_responses: list[list[int]],
+          b_rollout_logprobs: list[torch.Tensor] | None, config: PPOConfig, it: int) -> Experience:
+    """The frozen side of the iteration, and the reward.
+
+    Llama 2 §3.2.3: ``Rc = Rs if is_safety(prompt) or Rs < 0.15 else Rh`` on sigmoid scores, ``whiten(logit(Rc))``
+    (whitened over the global batch). As in Ziegler et al. 2019 and "The N implementation details of RLHF with PPO"
+    (Huang et al. 2024): the score is the reward of the last token, every token pays ``β·(log π_old - log π_ref)``,
+    and a response that hit the length limit without EOS gets a fixed penalty."""
+    batch = Batch([s.prompt_ids[i] for i in b_prompts], b_responses, s.tokenizer.pad_token_id, s.device)
+    finished = torch.tensor([bool(r) and r[-1] == s.tokenizer.eos_token_id for r in b_responses], device=s.device)
+    logprobs, ref_logprobs, values = _frozen_forwards(s, batch, b_rollout_logprobs, config, it)
+    full = [s.prompt_ids[i] + r for i, r in zip(b_prompts, b_responses)]
+    rm_h = s.rm_helpfulness.score_ids(full).to(s.device)
+    rm_s = s.rm_safety.score_ids(full).to(s.device)
+    is_safety = torch.tensor([bool(s.prompts[i].is_safety) for i in b_prompts], device=s.device)
+    rc = core.combine_rewards(rm_h, rm_s, is_safety, config.safety_threshold, config.piecewise_reward)
+    b_score = core.final_scores(rc, config.use_logit, config.whiten_rewards, all_sum=dist.all_sum)
+    if config.missing_eos_penalty is not None:
+        b_score = torch.where(finished, b_score, b_score + config.missing_eos_penalty)
+    beta = config.kl_beta if config.kl_penalty else 0.0
+    rewards, kl = core.token_rewards(b_score, logprobs, ref_logprobs, batch.mask, beta)
+    # the sources first, so the error names where a NaN came from, not only where it ended up
+    _check_finite(it, rm_helpfulness=rm_h, rm_safety=rm_s, values=values, rewards=rewards)
+    return Experience(prompts=b_prompts, responses=b_responses, batch=batch, finished=finished, logprobs=logprobs,
+                      ref_logprobs=ref_logprobs, values=values, rm_helpfulness=rm_h, rm_safety=rm_s,
+                      reward_combined=rc, score=b_score, kl=kl, rewards=rewards)
+
+
+def _frozen_forwards(s: PPOState, batch: "Batch", b_rollout_logprobs: list[torch.Tensor] | None, config: PPOConfig,
+                     it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log π_old (unless recorded while sampling), log π_ref and V_old for the batch, ``score_batch_size`` rows at a
+    time (no graph: the largest batch that fits)."""
+    s.policy.eval()
+    s.value.eval()
+    logprobs, ref_logprobs, values = [], [], []
+    for rows in _in_chunks(batch.n, config.score_batch_size):
+        mb = batch.rows(rows)
+        if b_rollout_logprobs is None:
+            lp, _, logits = policy_forward(s.policy, mb)
+            _check_finite(it, policy_logits=logits)
+            logprobs.append(lp)
+        with s.reference.model() as ref:
+            ref_logprobs.append(policy_forward(ref, mb)[0])
+        values.append(value_forward(s.value, mb))
+    if b_rollout_logprobs is not None:
+        old = torch.zeros_like(batch.mask)
+        for i, lp in enumerate(b_rollout_logprobs):
+            old[i, :len(lp)] = lp
+        _check_finite(it, policy_logprobs=old)
+    else:
+        old = torch.cat(logprobs)
+    return old, torch.cat(ref_logprobs), torch.cat(values)
+
+
+@torch.no_grad()
+def compute_advantages(exp: Experience, config: PPOConfig) -> None:
+    """GAE (Schulman et al. 2016) over the per-token rewards, γ and λ from the config (the value after the last token
+    is 0); the advantages are whitened over every rank's tokens, the returns are advantages + values."""
+    advantages, exp.returns = core.gae(exp.rewards, exp.values, exp.batch.mask, config.gamma, config.lam)
+    exp.advantages = core.whiten(advantages, exp.batch.mask, all_sum=dist.all_sum) if config.whiten_advantages \
+        else advantages
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Optimisation
+# ------------------------------------------------------------------------------------------------------------------
+
+STAT_NAMES = ("policy_loss", "value_loss", "clip_frac", "approx_kl", "entropy", "value_clip_frac")
+
+
+def optimise(s: PPOState, exp: Experience, config: PPOConfig, it: int) -> tuple[dict[str, list[float]], bool]:
+    """PPO's update (Schulman et al. 2017): ``ppo_epochs`` passes over the batch in shuffled mini-batches of
+    ``mini_batch_size`` rollouts (all ranks together). Returns each micro-batch's statistics and whether the epochs
+    stopped early because the approximate KL to the sampling policy passed ``target_kl``."""
+    s.policy.train()
+    s.value.train()
+    stats: dict[str, list[float]] = {k: [] for k in STAT_NAMES}
+    mb_size = max(1, config.mini_batch_size // dist.world_size())
+    for epoch in range(config.ppo_epochs):
+        b_order = torch.randperm(exp.batch.n, generator=torch.Generator().manual_seed(config.seed + it * 31 + epoch))
+        for start in range(0, exp.batch.n, mb_size):
+            update_mini_batch(s, exp, b_order[start:start + mb_size], config, it, stats)
+        if config.target_kl is not None:
+            approx_kl = float(dist.all_mean(torch.tensor(stats["approx_kl"], device=s.device).mean()))
+            if approx_kl > config.target_kl:
+                return stats, True
+    return stats, False
+
+
+def update_mini_batch(s: PPOState, exp: Experience, mb_rows: torch.Tensor, config: PPOConfig, it: int,
+                      stats: dict[str, list[float]]) -> None:
+    """One optimizer step of the policy and of the value model: the clipped surrogate and the clipped value loss,
+    accumulated over micro-batches weighted by their share of the mini-batch's tokens, gradients averaged over the
+    ranks and clipped to ``max_grad_norm``."""
+    s.opt_policy.zero_grad(set_to_none=True)
+    s.opt_value.zero_grad(set_to_none=True)
+    mb_tokens = exp.batch.mask[mb_rows].sum().clamp(min=1)
+    for chunk in _in_chunks(len(mb_rows), config.micro_batch_size):
+        rows = mb_rows[chunk].to(s.device)
+        mb = exp.batch.rows(rows)
+        weight = float(mb.mask.sum() / mb_tokens)
+        mb_logprobs, mb_entropy, mb_logits = policy_forward(s.policy, mb, with_entropy=True)
+        pg_loss, pg_stats = core.policy_loss(mb_logprobs, exp.logprobs[rows], exp.advantages[rows], mb.mask,
+                                             config.clip_range)
+        mb_values = value_forward(s.value, mb)
+        v_loss, v_stats = core.value_loss(mb_values, exp.values[rows], exp.returns[rows], mb.mask,
+                                          config.value_clip_range)
+        _check_finite(it, policy_loss=pg_loss, value_loss=v_loss, policy_logits=mb_logits)
+        (pg_loss * weight).backward()
+        (v_loss * weight).backward()
+        stats["policy_loss"].append(pg_loss.item())
+        stats["value_loss"].append(v_loss.item())
+        stats["entropy"].append(float(core.masked_mean(mb_entropy, mb.mask)))
+        stats["clip_frac"].append(pg_stats["clip_frac"])
+        stats["approx_kl"].append(pg_stats["approx_kl"])
+        stats["value_clip_frac"].append(v_stats["value_clip_frac"])
+    for model, opt in ((s.policy, s.opt_policy), (s.value, s.opt_value)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        dist.average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        opt.step()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Logging, checkpoints, the final save
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class PhaseClock:
+    """Wall time of each phase of an iteration (the ``time_<phase>_s`` metrics)."""
+
+    def __init__(self):
+        self.timer = Timer()
+        self.laps: dict[str, float] = {}
+        self._last = 0.0
+
+    def lap(self, phase: str) -> None:
+        now = self.timer.elapsed
+        self.laps[phase] = now - self._last
+        self._last = now
+
+
+def log_iteration(s: PPOState, exp: Experience, stats: dict[str, list[float]], stopped: bool, clock: PhaseClock,
+                  it: int, config: PPOConfig, run: StageRun) -> dict:
+    """The iteration's metrics, with stable names, as means over every rank's rollouts; sample rows every
+    ``sample_every`` iterations; a progress event."""
+
+    def g(t: torch.Tensor) -> float:
+        return float(dist.all_mean(t.float().mean().reshape(1)).item())
+
+    metrics = {
+        "iteration": it,
+        "step": it,
+        "rm_helpfulness": g(exp.rm_helpfulness),
+        "rm_safety": g(exp.rm_safety),
+        "rm_helpfulness_prob": g(torch.sigmoid(exp.rm_helpfulness)),
+        "rm_safety_prob": g(torch.sigmoid(exp.rm_safety)),
+        "reward_combined": g(exp.reward_combined),
+        "reward_score": g(exp.score),
+        "kl_ref": g(exp.kl.sum(1)),
+        **{k: g(torch.tensor(v, device=s.device)) for k, v in stats.items()},
+        "explained_variance": core.explained_variance(exp.values, exp.returns, exp.batch.mask),
+        "response_length": g(exp.batch.mask.sum(1)),
+        "no_eos_frac": g((~exp.finished).float()),
+        "early_stopped": stopped,
+        **{f"time_{phase}_s": round(t, 3) for phase, t in clock.laps.items()},
+        "time_iteration_s": round(clock.timer.elapsed, 3),
+    }
+    if dist.is_main():
+        append_jsonl(run.out_dir / METRICS_FILE, metrics)
+        if config.num_samples and (it % config.sample_every == 0 or it == config.iterations):
+            s.samples += sample_rows(s, exp, it, config.num_samples)
+            atomic_write_json(run.out_dir / "samples.json", s.samples)
+    run.report(it, config.iterations, metrics, samples=[r for r in s.samples if r["iteration"] == it])
+    return metrics
+
+
+def sample_rows(s: PPOState, exp: Experience, it: int, n: int) -> list[dict]:
+    """The first ``n`` rollouts of the iteration, decoded, with their scores (samples.json)."""
+    eos = s.tokenizer.eos_token_id
+    return [{
+        "iteration": it,
+        "prompt": s.prompts[i].context_messages()[-1]["content"],
+        "response": s.tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip(),
+        "rm_helpfulness": round(float(exp.rm_helpfulness[j]), 4),
+        "rm_safety": round(float(exp.rm_safety[j]), 4),
+        "reward_combined": round(float(exp.reward_combined[j]), 4),
+        "is_safety": bool(s.prompts[i].is_safety),
+    } for j, (i, r) in enumerate(zip(exp.prompts[:n], exp.responses[:n]))]
+
+
+def save_checkpoint(s: PPOState, it: int, config: PPOConfig, out_dir: Path) -> None:
+    """``checkpoint-<it>``: the policy and value models (adapters when LoRA), and per rank the optimizers and the
+    random state as tensors (``state-rank<r>.pt``, read back with ``weights_only=True``) and the loop state as JSON
+    (``loop-rank<r>.json``: iteration, prompt order, Python's random state). No pickle of objects: loading a
+    checkpoint runs no code. Assembled in a staging directory and renamed into place whole."""
+    rank, staging = dist.rank(), out_dir / STAGING_DIR
+    staging.mkdir(parents=True, exist_ok=True)
+    tensors = {"opt_policy": s.opt_policy.state_dict(), "opt_value": s.opt_value.state_dict(),
+               "rng_torch": torch.get_rng_state(), "rng_sampler": s.sampler.get_state()}
+    if torch.cuda.is_available():
+        tensors["rng_cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(tensors, staging / f"state-rank{rank}-{it}.pt")
+    atomic_write_json(staging / f"loop-rank{rank}-{it}.json", {
+        "iteration": it, "prompt_order": s.prompt_order.state_dict(),
+        "python_random": _random_state_to_json(random.getstate())})
+    dist.barrier()
+    if dist.is_main():
+        with atomic_dir(out_dir / f"checkpoint-{it}") as tmp:
+            _save_models(s, tmp / "policy", tmp / VALUE_DIR)
+            for r in range(dist.world_size()):
+                for name in (f"state-rank{r}.pt", f"loop-rank{r}.json"):
+                    stem, ext = name.rsplit(".", 1)
+                    (staging / f"{stem}-{it}.{ext}").replace(tmp / name)
+        prune_checkpoints(out_dir, config.keep_checkpoints)
+    dist.barrier()
+
+
+def restore_checkpoint(s: PPOState, ckpt: Path) -> None:
+    """This rank's optimizers, random state and prompt order from ``ckpt`` (the models were loaded from it)."""
+    rank = dist.rank()
+    tensors = torch.load(ckpt / f"state-rank{rank}.pt", weights_only=True, map_location="cpu")
+    loop = json.loads((ckpt / f"loop-rank{rank}.json").read_text())
+    s.opt_policy.load_state_dict(tensors["opt_policy"])
+    s.opt_value.load_state_dict(tensors["opt_value"])
+    torch.set_rng_state(tensors["rng_torch"])
+    s.sampler.set_state(tensors["rng_sampler"])
+    if "rng_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["rng_cuda"])
+    random.setstate(_random_state_from_json(loop["python_random"]))
+    s.prompt_order.load_state_dict(loop["prompt_order"])
+    s.start_iteration = int(loop["iteration"])
+    if s.start_iteration != checkpoint_step(ckpt):
+        raise RuntimeError(f"{ckpt}: its loop state is for iteration {s.start_iteration}")
+
+
+def finish(s: PPOState, metrics: dict, config: PPOConfig, run: StageRun) -> StageOutput:
+    """Save the aligned policy (``final/``) and the value model; the curves; the last iteration's metrics."""
+    from ..plots import plot_curves
+
+    artifacts: dict[str, str] = {}
+    final_metrics = {k: v for k, v in metrics.items() if k != "step"}
+    if dist.is_main():
+        _save_models(s, run.out_dir / FINAL_DIR, run.out_dir / VALUE_DIR)
+        logs = read_jsonl(run.out_dir / METRICS_FILE)
+        if plot_curves(logs, ["reward_combined", "kl_ref", "response_length"], run.out_dir / "curves.png",
+                       title="PPO", x="iteration"):
+            artifacts["curves"] = "curves.png"
+        if s.samples:
+            artifacts["samples"] = "samples.json"
+        first = logs[: max(1, min(3, len(logs)))]
+        final_metrics["reward_combined_first"] = sum(r["reward_combined"] for r in first) / len(first)
+        final_metrics["iterations"] = config.iterations
+    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=final_metrics, steps=config.iterations,
+                       artifacts=artifacts)
+
+
+def _save_models(s: PPOState, policy_dir: Path, value_dir: Path) -> None:
+    save_model(s.policy, policy_dir, s.tokenizer, role="policy", base=s.bases["policy"] if is_peft(s.policy) else None)
+    save_model(s.value, value_dir, s.tokenizer, role="value", base=s.bases[VALUE_DIR] if is_peft(s.value) else None)
+
+
+def _random_state_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _random_state_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return int(version), tuple(int(x) for x in internal), gauss
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -199,17 +633,18 @@ class Batch:
             return hidden.gather(1, idx.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
         return hidden.gather(1, idx)
 
-
-def _sub(batch: Batch, idx: torch.Tensor) -> Batch:
-    sub = Batch.__new__(Batch)
-    sub.n = len(idx)
-    width = int((batch.p_len[idx.cpu()] + batch.r_len[idx.cpu()]).max())
-    sub.input_ids = batch.input_ids[idx, :width]
-    sub.attention_mask = batch.attention_mask[idx, :width]
-    sub.response_ids, sub.mask = batch.response_ids[idx], batch.mask[idx]
-    sub.gather_pos = batch.gather_pos[idx].clamp(max=width - 1)
-    sub.T = batch.T
-    return sub
+    def rows(self, idx: torch.Tensor) -> "Batch":
+        """The sub-batch of rows ``idx``, trimmed to its own longest sequence."""
+        sub = Batch.__new__(Batch)
+        sub.n = len(idx)
+        sub.p_len, sub.r_len = self.p_len[idx.cpu()], self.r_len[idx.cpu()]
+        width = int((sub.p_len + sub.r_len).max())
+        sub.input_ids = self.input_ids[idx, :width]
+        sub.attention_mask = self.attention_mask[idx, :width]
+        sub.response_ids, sub.mask = self.response_ids[idx], self.mask[idx]
+        sub.gather_pos = self.gather_pos[idx].clamp(max=width - 1)
+        sub.T = self.T
+        return sub
 
 
 def policy_forward(model, batch: Batch, with_entropy: bool = False):
@@ -241,322 +676,3 @@ def _check_finite(iteration: int, **tensors) -> None:
 def _in_chunks(n: int, size: int):
     for s in range(0, n, size):
         yield torch.arange(s, min(n, s + size))
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# The stage
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _optimizer(model, lr: float, cfg: PPOConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay)
-
-
-def _rng_state(gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "sampler": gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    gen.set_state(state["sampler"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def run_ppo(config: PPOConfig, inputs: PPOInputs, out_dir: str | Path, progress: ProgressFn | None = None
-            ) -> StageResult:
-    out_dir = Path(out_dir)
-    done = load_result(out_dir)
-    if done is not None:
-        return done
-    timer = Timer()
-    rank, world = _rank_world()
-    cfg = config
-
-    prompts = read_records(inputs.prompts, "prompts")
-    tokenizer = load_tokenizer(inputs.policy)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompt_ids = [encode_prompt(tokenizer, r.context_messages()) for r in prompts]
-    is_safety = [bool(r.is_safety) for r in prompts]
-    if cfg.prompts_per_iteration % world:
-        raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must divide among {world} processes")
-    per_rank = cfg.prompts_per_iteration // world
-
-    # --- models -------------------------------------------------------------------------------------------
-    resume = latest_checkpoint(out_dir)
-    policy_src = str(resume / "policy") if resume else inputs.policy
-    value_src = str(resume / "value") if resume else inputs.reward_helpfulness if cfg.value_init == "helpfulness" \
-        else inputs.reward_safety
-    # A fresh start merges an adapter checkpoint first (continue_adapter=False), so new LoRA adapters sit on the
-    # exact SFT policy and "adapters off" is the reference, with no second copy; a resume continues its adapters.
-    policy = build_model(policy_src, "policy", lora=None if resume else cfg.lora, dtype=cfg.dtype, seed=cfg.seed,
-                         gradient_checkpointing=cfg.gradient_checkpointing, continue_adapter=bool(resume))
-    reference = build_reference(policy, inputs.policy, dtype=cfg.dtype)
-    value_lora = cfg.value_lora if cfg.value_lora is not None else cfg.lora
-    value = build_model(value_src, "value", lora=None if resume else value_lora, dtype=cfg.dtype, seed=cfg.seed,
-                        gradient_checkpointing=cfg.gradient_checkpointing, continue_adapter=bool(resume))
-    rm_h = RewardScorer(inputs.reward_helpfulness, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
-    rm_s = RewardScorer(inputs.reward_safety, dtype=cfg.dtype, batch_size=cfg.score_batch_size)
-    device = next(policy.parameters()).device
-    reuse_rollout_logprobs = cfg.rollout_logprobs if cfg.rollout_logprobs is not None else \
-        next(policy.parameters()).dtype == torch.float32
-    # The base a saved LoRA policy/value points to: the model its new adapters were put on (an adapter directory
-    # is a valid base: loading merges it first).
-    policy_base = inputs.policy
-    value_base = inputs.reward_helpfulness if cfg.value_init == "helpfulness" else inputs.reward_safety
-
-    opt_p = _optimizer(policy, cfg.learning_rate, cfg)
-    opt_v = _optimizer(value, cfg.value_learning_rate, cfg)
-    sampler = torch.Generator(device=device)
-    sampler.manual_seed(cfg.seed + 1000 * rank)
-    torch.manual_seed(cfg.seed + rank)
-    order_rng = random.Random(cfg.seed)
-    order: list[int] = []
-    cursor = 0
-    start_it = 0
-    if resume is not None:
-        state = torch.load(resume / f"state-rank{rank}.pt", weights_only=False, map_location="cpu")
-        opt_p.load_state_dict(state["opt_policy"])
-        opt_v.load_state_dict(state["opt_value"])
-        _set_rng_state(state["rng"], sampler)
-        order_rng.setstate(state["order_rng"])
-        order, cursor, start_it = state["order"], state["cursor"], state["iteration"]
-        truncate_metrics(out_dir, start_it)
-    elif is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / METRICS_FILE).unlink(missing_ok=True)
-
-    def next_prompts() -> list[int]:
-        nonlocal order, cursor
-        picked = []
-        while len(picked) < cfg.prompts_per_iteration:
-            if cursor >= len(order):
-                order = list(range(len(prompt_ids)))
-                order_rng.shuffle(order)
-                cursor = 0
-            take = min(cfg.prompts_per_iteration - len(picked), len(order) - cursor)
-            picked += order[cursor:cursor + take]
-            cursor += take
-        return picked[rank * per_rank:(rank + 1) * per_rank]  # this rank's share
-
-    samples_log: list[dict] = []
-    if resume is not None and (out_dir / "samples.json").exists():
-        import json
-
-        # only the samples of iterations the checkpoint covers: later ones are logged again as they re-run
-        samples_log = [s for s in json.loads((out_dir / "samples.json").read_text()) if s["iteration"] <= start_it]
-    last_metrics: dict = {}
-    for it in range(start_it + 1, cfg.iterations + 1):
-        t_it = Timer()
-        idx = next_prompts()
-        # --- 1. rollout -----------------------------------------------------------------------------------
-        responses: list[list[int]] = []
-        rollout_lps: list[torch.Tensor] | None = [] if reuse_rollout_logprobs else None
-        for s in range(0, len(idx), cfg.generation_batch_size):
-            chunk = idx[s:s + cfg.generation_batch_size]
-            responses += generate_ids(policy, [prompt_ids[i] for i in chunk], eos_token_id=eos, pad_token_id=pad,
-                                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                      top_p=cfg.top_p, generator=sampler, logprobs=rollout_lps)
-        t_rollout = t_it.elapsed
-
-        # --- 2. scoring -----------------------------------------------------------------------------------
-        t_s = Timer()
-        batch = Batch([prompt_ids[i] for i in idx], responses, pad, device)
-        finished = torch.tensor([bool(r) and r[-1] == eos for r in responses], device=device)
-        with torch.no_grad():
-            old_logp, ref_logp, old_values = [], [], []
-            policy.eval()
-            value.eval()
-            for c in _in_chunks(batch.n, cfg.score_batch_size):  # no graph: the largest batch that fits
-                sub = _sub(batch, c)
-                if rollout_lps is None:
-                    lp, _, logits = policy_forward(policy, sub)
-                    _check_finite(it, policy_logits=logits)
-                    old_logp.append(lp)
-                with reference.model() as ref:
-                    rlp, _, _ = policy_forward(ref, sub)
-                ref_logp.append(rlp)
-                old_values.append(value_forward(value, sub))
-            if rollout_lps is not None:
-                old_logp = torch.zeros_like(batch.mask)
-                for i, lp in enumerate(rollout_lps):
-                    old_logp[i, :len(lp)] = lp
-                _check_finite(it, policy_logprobs=old_logp)
-            else:
-                old_logp = torch.cat(old_logp)
-            ref_logp, old_values = torch.cat(ref_logp), torch.cat(old_values)
-            full = [prompt_ids[i] + r for i, r in zip(idx, responses)]
-            raw_h = rm_h.score_ids(full).to(device)
-            raw_s = rm_s.score_ids(full).to(device)
-            safety_flags = torch.tensor([is_safety[i] for i in idx], device=device)
-            rc = core.combine_rewards(raw_h, raw_s, safety_flags, cfg.safety_threshold, cfg.piecewise_reward)
-            x = core.logit(rc) if cfg.use_logit else rc
-            if cfg.whiten_rewards:  # whiten over the global batch
-                all_x = _gather_cat(x)
-                x = (x - all_x.mean()) / (all_x.std(unbiased=False) + 1e-8)
-            score = x
-            if cfg.missing_eos_penalty is not None:
-                score = torch.where(finished, score, score + cfg.missing_eos_penalty)
-            beta = cfg.kl_beta if cfg.kl_penalty else 0.0
-            rewards, kl = core.token_rewards(score, old_logp, ref_logp, batch.mask, beta)
-            # the sources first, so the error names where a NaN came from, not only where it ended up
-            _check_finite(it, rm_helpfulness=raw_h, rm_safety=raw_s, values=old_values, rewards=rewards)
-            adv, returns = core.gae(rewards, old_values, batch.mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                adv = core.whiten(adv, batch.mask)
-        t_scoring = t_s.elapsed
-
-        # --- 3. optimisation ------------------------------------------------------------------------------
-        t_o = Timer()
-        policy.train()
-        value.train()
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "approx_kl",
-                                                         "entropy", "value_clip_frac")}
-        stop = False
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(batch.n, generator=sampler.__class__().manual_seed(cfg.seed + it * 31 + epoch))
-            mini = max(1, cfg.mini_batch_size // world)
-            for ms in range(0, batch.n, mini):
-                mb = perm[ms:ms + mini]
-                opt_p.zero_grad(set_to_none=True)
-                opt_v.zero_grad(set_to_none=True)
-                n_tokens = batch.mask[mb].sum().clamp(min=1)
-                for c in _in_chunks(len(mb), cfg.micro_batch_size):
-                    rows = mb[c].to(device)
-                    sub = _sub(batch, rows)
-                    weight = float(sub.mask.sum() / n_tokens)  # token-weighted accumulation
-                    lp, ent, logits = policy_forward(policy, sub, with_entropy=True)
-                    pl, pstats = core.policy_loss(lp, old_logp[rows], adv[rows], sub.mask, cfg.clip_range)
-                    v = value_forward(value, sub)
-                    vl, vstats = core.value_loss(v, old_values[rows], returns[rows], sub.mask, cfg.value_clip_range)
-                    _check_finite(it, policy_loss=pl, value_loss=vl, policy_logits=logits)
-                    (pl * weight).backward()
-                    (vl * weight).backward()
-                    stats["policy_loss"].append(pl.item())
-                    stats["value_loss"].append(vl.item())
-                    stats["entropy"].append(float(core.masked_mean(ent, sub.mask)))
-                    stats["clip_frac"].append(pstats["clip_frac"])
-                    stats["approx_kl"].append(pstats["approx_kl"])
-                    stats["value_clip_frac"].append(vstats["value_clip_frac"])
-                for model, opt in ((policy, opt_p), (value, opt_v)):
-                    params = [p for p in model.parameters() if p.requires_grad]
-                    _average_gradients(params)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
-            if cfg.target_kl is not None:
-                approx_kl = float(_all_mean(torch.tensor(stats["approx_kl"], device=device).mean()))
-                if approx_kl > cfg.target_kl:
-                    stop = True
-                    break
-        t_optim = t_o.elapsed
-
-        # --- metrics ------------------------------------------------------------------------------------------
-        def g(t):  # global mean across ranks
-            return float(_all_mean(t.float().mean().reshape(1)).item())
-
-        seq_kl = kl.sum(1)
-        metrics = {
-            "iteration": it,
-            "step": it,
-            "rm_helpfulness": g(raw_h),
-            "rm_safety": g(raw_s),
-            "rm_helpfulness_prob": g(torch.sigmoid(raw_h)),
-            "rm_safety_prob": g(torch.sigmoid(raw_s)),
-            "reward_combined": g(rc),
-            "reward_score": g(score),
-            "kl_ref": g(seq_kl),
-            **{k: g(torch.tensor(v, device=device)) for k, v in stats.items()},  # all ranks, not rank 0's
-            "explained_variance": core.explained_variance(old_values, returns, batch.mask),
-            "response_length": g(batch.mask.sum(1)),
-            "no_eos_frac": g((~finished).float()),
-            "early_stopped": stop,
-            "time_rollout_s": round(t_rollout, 3),
-            "time_scoring_s": round(t_scoring, 3),
-            "time_optim_s": round(t_optim, 3),
-            "time_iteration_s": round(t_it.elapsed, 3),
-        }
-        last_metrics = metrics
-        if is_main_process():
-            append_jsonl(out_dir / METRICS_FILE, metrics)
-            if cfg.num_samples and (it % cfg.sample_every == 0 or it == cfg.iterations):
-                samples_log += [{
-                    "iteration": it,
-                    "prompt": prompts[i].context_messages()[-1]["content"],
-                    "response": tokenizer.decode([t for t in r if t != eos], skip_special_tokens=True).strip(),
-                    "rm_helpfulness": round(float(raw_h[j]), 4),
-                    "rm_safety": round(float(raw_s[j]), 4),
-                    "reward_combined": round(float(rc[j]), 4),
-                    "is_safety": is_safety[i],
-                } for j, (i, r) in enumerate(zip(idx, responses)) if j < cfg.num_samples]
-                atomic_write_json(out_dir / "samples.json", samples_log)
-        if progress:
-            progress({"stage": "ppo", "step": it, "total": cfg.iterations, "metrics": metrics,
-                      "samples": [s for s in samples_log if s["iteration"] == it]})
-
-        # --- checkpoint -----------------------------------------------------------------------------------
-        if it % cfg.save_every == 0 and it < cfg.iterations:
-            _save_checkpoint(out_dir, it, policy, value, opt_p, opt_v, sampler, order_rng, order, cursor,
-                             tokenizer, policy_base, value_base, cfg)
-
-    # --- final ----------------------------------------------------------------------------------------------
-    artifacts: dict[str, str] = {}
-    if is_main_process():
-        save_model(policy, out_dir / FINAL_DIR, tokenizer, role="policy", base=policy_base if is_peft(policy) else None)
-        save_model(value, out_dir / "value", tokenizer, role="value", base=value_base if is_peft(value) else None)
-        logs = read_jsonl(out_dir / METRICS_FILE)
-        from ..plots import plot_curves
-
-        if plot_curves(logs, ["reward_combined", "kl_ref", "response_length"], out_dir / "curves.png",
-                       title="PPO", x="iteration"):
-            artifacts["curves"] = "curves.png"
-        if samples_log:
-            artifacts["samples"] = "samples.json"
-        first = logs[: max(1, min(3, len(logs)))]
-        final_metrics = {k: v for k, v in last_metrics.items() if k not in ("step",)}
-        final_metrics["reward_combined_first"] = sum(r["reward_combined"] for r in first) / len(first)
-        final_metrics["iterations"] = cfg.iterations
-    else:
-        final_metrics = last_metrics
-    result = StageResult(
-        stage="ppo",
-        out_dir=str(out_dir),
-        final=str(out_dir / FINAL_DIR),
-        metrics=final_metrics,
-        steps=cfg.iterations,
-        duration_s=round(timer.elapsed, 2),
-        artifacts=artifacts,
-        config=cfg.model_dump(),
-        inputs=input_fingerprints(inputs.model_dump()),
-        provenance={**provenance(device), "resumed_from": str(resume) if resume else None},
-    )
-    if _dist() is not None:
-        _dist().barrier()
-    return write_result(result)
-
-
-def _save_checkpoint(out_dir, it, policy, value, opt_p, opt_v, sampler, order_rng, order, cursor, tokenizer,
-                     policy_base, value_base, cfg) -> None:
-    rank, _ = _rank_world()
-    state = {"opt_policy": opt_p.state_dict(), "opt_value": opt_v.state_dict(), "rng": _rng_state(sampler),
-             "order_rng": order_rng.getstate(), "order": order, "cursor": cursor, "iteration": it}
-    target = Path(out_dir) / f"checkpoint-{it}"
-    staging = Path(out_dir) / STAGING_DIR / f"rank{rank}-{it}"
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, staging.with_suffix(".pt"))
-    d = _dist()
-    if d is not None:
-        d.barrier()
-    if is_main_process():
-        with atomic_dir(target) as tmp:
-            save_model(policy, tmp / "policy", tokenizer, role="policy", base=policy_base if is_peft(policy) else None)
-            save_model(value, tmp / "value", tokenizer, role="value", base=value_base if is_peft(value) else None)
-            for f in staging.parent.glob(f"rank*-{it}.pt"):
-                r = f.name.split("-")[0]
-                f.replace(tmp / f"state-{r}.pt")
-        prune_checkpoints(out_dir, cfg.keep_checkpoints)
-    if d is not None:
-        d.barrier()
