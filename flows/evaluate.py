@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from llama2_align.stages.evaluate import EvalConfig, EvalInputs, eval_config_for
+from llama2_align.pipeline import preset_config
+from llama2_align.stages.evaluate import EvalConfig, EvalInputs
 from tasks.evaluate import eval_task
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(checkpoints: dict[str, str], baseline: str, prompts: str, reward_helpfulness: str, reward_safety: str,
-             out_dir: str, config: EvalConfig = eval_config_for("tiny")) -> dict:
+             out_dir: str, config: EvalConfig = preset_config("demo-tiny").eval) -> dict:
     """Compare the policy ``checkpoints`` (name -> checkpoint directory) against ``baseline`` (one of the names) on
     the evaluation prompts in ``prompts``, scored by both reward models; results go to ``out_dir``."""
     return eval_task(config, EvalInputs(checkpoints=checkpoints, baseline=baseline, prompts=prompts,

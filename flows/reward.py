@@ -1,6 +1,6 @@
 """Train both reward models (helpfulness and safety) from the SFT checkpoint, concurrently.
 
-They are two submitted tasks, not subflows: Prefect 3 runs subflows one after another (DESIGN.md §5).
+They are two submitted tasks, not subflows: Prefect 3 runs subflows one after another (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from prefect import flow
 from prefect.futures import wait
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from llama2_align.stages.reward import RewardConfig, RewardInputs, reward_config_for
+from llama2_align.pipeline import preset_config
+from llama2_align.stages.reward import RewardConfig, RewardInputs
 from tasks.reward import reward_task
 
 
 @flow(name="reward", log_prints=True, task_runner=ProcessPoolTaskRunner(max_workers=2))
 def reward(sft_model: str, data: str, run_dir: str = "runs/demo",
-           helpfulness: RewardConfig = reward_config_for("tiny", "helpfulness"),
-           safety: RewardConfig = reward_config_for("tiny", "safety")) -> dict[str, dict]:
+           helpfulness: RewardConfig = preset_config("demo-tiny").reward_helpfulness,
+           safety: RewardConfig = preset_config("demo-tiny").reward_safety) -> dict[str, dict]:
     """Train ``<run_dir>/reward-helpfulness`` and ``<run_dir>/reward-safety`` from ``sft_model`` (an SFT ``final``
     directory) on the preference pairs in ``data`` (both categories). Returns ``{"helpfulness": result,
     "safety": result}``."""

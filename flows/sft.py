@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from prefect import flow
 
-from llama2_align.stages.sft import SFTConfig, SFTInputs, sft_config_for
+from llama2_align.pipeline import preset_config
+from llama2_align.stages.sft import SFTConfig, SFTInputs
 from tasks.sft import sft_task
 
 
 @flow(name="sft", log_prints=True)
 def sft(data: str, out_dir: str = "runs/demo/sft", base: str = "tiny", tokenizer: str | None = None,
-        config: SFTConfig = sft_config_for("tiny")) -> dict:
+        config: SFTConfig = preset_config("demo-tiny").sft) -> dict:
     """Fine-tune ``base`` (a preset or a checkpoint directory) on the SFT dialogues in ``data`` into ``out_dir``.
 
     ``tokenizer`` defaults to the base checkpoint's own (a preset needs one). ``config`` holds every training
-    setting (defaults: the tiny preset's recipe); a stage already finished for the same inputs is served from cache.
+    setting (defaults: the demo-tiny preset's); a stage already finished for the same inputs is served from cache.
     """
     return sft_task(config, SFTInputs(base=base, data=data, tokenizer=tokenizer), out_dir)
 

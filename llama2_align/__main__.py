@@ -1,4 +1,5 @@
-"""``python -m llama2_align``: the same command line as ``llama2-align``."""
+"""``python -m llama2_align``: the library's commands (model-info, data, convert, eval, chat). The commands that run
+flows (``run``) are added on the flows' layer: ``llama2-align`` or ``python -m flows.cli`` has them all."""
 
 from .cli import main
 

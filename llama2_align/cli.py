@@ -139,7 +139,7 @@ def data_validate(
         for issue in err.issues:  # all of them: the exception's message stops at 50
             typer.echo(str(issue), err=True)
         typer.echo(_bad_records_report(err, path), err=True)
-        raise typer.Exit(EXIT_REFUSED)
+        raise typer.Exit(EXIT_REFUSED) from None
     except ValueError as err:  # unsupported file type, an adapter format for a kind it does not hold
         fail(str(err), EXIT_USAGE)
     except OSError as err:
@@ -223,72 +223,8 @@ def convert(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Pipeline commands: run, eval, chat
+# Pipeline commands that need no Prefect: eval, chat (``run`` and the other flow commands are in flows/cli.py)
 # --------------------------------------------------------------------------------------------------------------
-
-
-@app.command("run", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
-def run(
-    preset: Annotated[Optional[str], typer.Option(
-        "--preset", help="Pipeline preset: demo-tiny (default), demo-micro, llama2-7b-lora, llama2-7b, "
-                         "llama2-13b-lora, llama2-70b-lora.")] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", help="JSON or YAML file with pipeline fields (preset, run_name, base_model, data, overrides).")
-    ] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", help="Override a field, e.g. --set ppo.iterations=50 (repeatable; values parsed as JSON).")] = None,
-    run_name: Annotated[Optional[str], typer.Option("--run-name", help="Run directory name (default: demo).")] = None,
-    runs_root: Annotated[Optional[str], typer.Option("--runs-root", help="Parent of run directories.")] = None,
-    rejection_sampling: Annotated[Optional[bool], typer.Option(
-        "--rejection-sampling/--no-rejection-sampling", help="SFT -> RS -> PPO instead of SFT -> PPO.")] = None,
-) -> None:
-    """Run the whole pipeline (the rlhf-pipeline flow): data, tokenizer, SFT, both reward models, PPO, eval, report."""
-    import os
-
-    # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
-    # 20 s wait for its embedded server on a first run.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Run logs go to the API at INFO (the UI's Logs tab); the console keeps to warnings: a line per stage is printed.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    from flows import local_api
-
-    local_api.start_early()  # the local API server (when no API URL is set) starts while torch imports
-    from pydantic import ValidationError
-
-    from .pipeline import PipelineConfig, load_config_file, parse_override, resolve
-
-    fields: dict = {}
-    try:
-        if config is not None:
-            if not config.is_file():
-                fail(f"{config}: no such config file")
-            fields = load_config_file(config)
-        if preset is not None:
-            fields["preset"] = preset
-        if run_name is not None:
-            fields["run_name"] = run_name
-        if runs_root is not None:
-            fields["runs_root"] = runs_root
-        if rejection_sampling is not None:
-            fields["rejection_sampling"] = rejection_sampling
-        overrides = dict(fields.get("overrides") or {})
-        overrides.update(parse_override(item) for item in (set_ or []))
-        fields["overrides"] = overrides
-        pipeline_config = PipelineConfig.model_validate(fields)
-        resolve(pipeline_config)  # refuse a bad override before any work starts
-    except (ValidationError, ValueError) as err:
-        fail(f"invalid pipeline config: {err}", EXIT_USAGE)
-
-    from flows.pipeline import rlhf_pipeline
-
-    local_api.adopt()
-    result = rlhf_pipeline(config=pipeline_config)
-    typer.echo(f"report: {result['report_md']} (and report.json beside it)")
-    if local_api.adopted() or not os.environ.get("PREFECT_API_URL"):
-        typer.echo(f"artifacts (summaries, metrics, curves, samples, the report) are in the Prefect database under "
-                   f"{os.environ.get('PREFECT_HOME', '~/.prefect')}: `make server`, then open http://127.0.0.1:4200 "
-                   "(Runs -> rlhf-pipeline -> Artifacts)")
 
 
 @app.command("eval", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
@@ -300,15 +236,16 @@ def evaluate(
     reward_helpfulness: Annotated[Path, typer.Option("--reward-helpfulness", help="Helpfulness RM directory.")],
     reward_safety: Annotated[Path, typer.Option("--reward-safety", help="Safety RM directory.")],
     out: Annotated[Path, typer.Option("--out", help="Evaluation stage directory.")] = Path("runs/eval"),
-    preset: Annotated[str, typer.Option("--preset", help="Generation defaults: tiny (demo) or llama2-7b.")] = "tiny",
+    preset: Annotated[str, typer.Option("--preset", help="Take the evaluation settings of this pipeline preset "
+                                                         "(demo-tiny, llama2-7b, ...).")] = "demo-tiny",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an eval field, e.g. --set "
                                                                      "temperature=0.7")] = None,
 ) -> None:
     """Evaluate checkpoints against a baseline: safety (violations, false refusals) and helpfulness (RM win rate)."""
     from pydantic import ValidationError
 
-    from .pipeline import parse_override
-    from .stages.evaluate import EvalInputs, eval_config_for, run_eval
+    from .pipeline import parse_override, preset_config
+    from .stages.evaluate import EvalInputs, run_eval
 
     def named(spec: str) -> tuple[str, str]:
         name, sep, path = spec.partition("=")
@@ -326,7 +263,7 @@ def evaluate(
         if not Path(path).is_dir():
             fail(f"{path}: no such checkpoint directory ({name})")
     try:
-        cfg = eval_config_for(preset).model_copy(update=dict(parse_override(s) for s in (set_ or [])))
+        cfg = preset_config(preset).eval.model_copy(update=dict(parse_override(s) for s in (set_ or [])))
         cfg = type(cfg).model_validate(cfg.model_dump())
         result = run_eval(cfg, EvalInputs(checkpoints=ckpts, baseline=base_name, prompts=str(prompts),
                                           reward_helpfulness=str(reward_helpfulness),

@@ -110,6 +110,25 @@ def headline_rows(report: dict) -> list[dict[str, str]]:
     return rows
 
 
+def headline_text(report: dict) -> str:
+    """The headline table as aligned text, then the demo bar's line: what the command line prints after a run."""
+    rows = headline_rows(report)
+    lines = []
+    if rows:
+        cols = list(rows[0])
+        widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+        lines.append("  ".join(c.ljust(widths[c]) for c in cols))
+        lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
+    bar = report.get("demo_bar")
+    if bar:
+        lines += ["", f"demo bar (oracle, {report.get('final')} vs {report.get('baseline')}): "
+                      f"{'PASSED' if bar['passed'] else 'NOT MET'} — violation rate "
+                      f"{100 * bar['violation_rate_reduction_rel']:.0f}% lower, helpfulness "
+                      f"{bar['helpfulness_delta']:+.3f}, false refusals "
+                      f"{bar['false_refusal_delta_points']:+.1f} points"]
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict[str, str]]) -> list[str]:
     if not rows:
         return []
@@ -154,7 +173,8 @@ def render_markdown(report: dict, side_by_side: list[dict] | None = None, ppo_cu
         for rm, table in report["rm_accuracy"].items():
             for cat, by_rating in table.items():
                 row = {"reward model": rm, "test pairs": cat}
-                row.update({r.replace("_", " "): "n/a" if a is None else f"{100 * a:.1f}" for r, a in by_rating.items()})
+                row.update({r.replace("_", " "): "n/a" if a is None else f"{100 * a:.1f}"
+                            for r, a in by_rating.items()})
                 rm_rows.append(row)
         lines += _table(rm_rows) + [""]
     stage_rows = [{"stage": n, "status": s["status"], "duration (s)": _fmt(s.get("duration_s")),

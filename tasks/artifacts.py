@@ -2,7 +2,8 @@
 
 Keys are stable (``<stage>-summary``, ``<stage>-metrics``, ``<stage>-curves``, ``<stage>-samples``, and for reward
 models ``<stage>-accuracy``), so the UI's artifact page for a key shows its history across runs. Plots are embedded
-in markdown as ``data:image/png;base64,`` URIs: they render with no network and no file server (DESIGN.md §5).
+in markdown as ``data:image/png;base64,`` URIs: they render with no network and no file server
+(ARCHITECTURE.md, "Artifacts").
 The builders are pure functions of the StageResult; :func:`publish_stage_artifacts` sends them.
 """
 
@@ -140,7 +141,7 @@ def publish_stage_artifacts(result: StageResult) -> dict[str, str]:
     if png is not None:
         create_markdown_artifact(curves_markdown(result, png), key=key("curves"),
                                  description=f"{stage}: training curves")
-    for name, rel in result.artifacts.items():  # other plots a stage writes (e.g. the RS reward distribution)
+    for name in result.artifacts:  # other plots a stage writes (e.g. the RS reward distribution)
         png = _stage_file(result, name)
         if name != "curves" and png is not None and png.suffix == ".png":
             create_markdown_artifact(f"# {stage}: {name.replace('_', ' ')}\n\n![{name}]({png_data_uri(png)})\n",

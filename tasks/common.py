@@ -31,22 +31,21 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ValidationError
 
-from llama2_align.data import DataValidationError
+from llama2_align.errors import InputError
 from llama2_align.launch import LaunchError, launch_stage, should_launch
 from llama2_align.stages.common import RESULT_FILE, StageResult, input_fingerprints
-from llama2_align.stages.training import TrainStageConfig, halve_micro_batch
 
 from .artifacts import artifact_key, publish_stage_artifacts
 
-C = TypeVar("C", bound=TrainStageConfig)
+C = TypeVar("C", bound=BaseModel)
 
 CACHE_TOKEN_FILE = ".prefect-cache-token"
 RETRIES = 2
 RETRY_DELAY_S = [30, 120]
 
-# Errors that say the request is wrong: retrying cannot help, and the message must reach the UI as it is.
-VALIDATION_ERRORS: tuple[type[BaseException], ...] = (DataValidationError, ValidationError, ValueError,
-                                                     FileNotFoundError)
+# Errors that say the request is wrong: retrying cannot help, and the message must reach the UI as it is. Only the
+# project's own (llama2_align.errors) and pydantic's: a ValueError raised inside a library is a failure, not bad input.
+VALIDATION_ERRORS: tuple[type[BaseException], ...] = (InputError, ValidationError)
 # OSErrors that are about the request, not a hiccup.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 # RuntimeError messages of a lost or failing device (driver resets, Xid errors, NCCL timeouts).
@@ -114,10 +113,10 @@ def _free_device_memory() -> None:
 
 def run_with_oom_backoff(fn: Callable[[C], Any], config: C, warn: Callable[[str], None] = print,
                          stage: str = "stage") -> tuple[Any, C]:
-    """Call ``fn(config)``; on out-of-memory halve the micro-batch (doubling accumulation: same effective batch) and
-    call again, down to micro-batch 1. Returns ``(result, the config that worked)``. A config without a micro-batch
-    (evaluation) is run once as it is."""
-    if not hasattr(config, "micro_batch_size"):
+    """Call ``fn(config)``; on out-of-memory call it again with ``config.smaller()`` (the ``Backoff`` protocol of
+    ``llama2_align.stages.common``: half the memory per step, the same effective batch) until nothing is left to
+    halve. Returns ``(result, the config that worked)``. A config without ``smaller`` is run once as it is."""
+    if not hasattr(config, "smaller"):
         return fn(config), config
     while True:
         try:
@@ -125,14 +124,13 @@ def run_with_oom_backoff(fn: Callable[[C], Any], config: C, warn: Callable[[str]
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            if config.micro_batch_size <= 1:
+            smaller = config.smaller()
+            if smaller is None:
                 raise OutOfMemoryAtMicroBatchOne(
-                    f"{stage}: out of memory at micro_batch_size 1 (batch_size {config.batch_size}); nothing left to "
-                    "halve. Use LoRA, gradient checkpointing, a shorter max_length or more GPUs.") from exc
-            smaller = halve_micro_batch(config)
-            warn(f"{stage}: out of memory at micro_batch_size {config.micro_batch_size}; retrying with "
-                 f"micro_batch_size {smaller.micro_batch_size} and gradient accumulation "
-                 f"{smaller.gradient_accumulation()} (effective batch {smaller.batch_size}): {str(exc)[:200]}")
+                    f"{stage}: out of memory at {config.batch_summary()}; nothing left to halve. Use LoRA, "
+                    "gradient checkpointing, a shorter max_length or more GPUs.") from exc
+            warn(f"{stage}: out of memory at {config.batch_summary()}; retrying with {smaller.batch_summary()}: "
+                 f"{str(exc)[:200]}")
             del exc
             _free_device_memory()
             config = smaller
@@ -272,8 +270,8 @@ def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs:
         else:
             logger.error(f"{stage}: failed: {exc!r}")
         raise
-    if getattr(used, "micro_batch_size", None) != getattr(config, "micro_batch_size", None):
-        logger.warning(f"{stage}: finished with micro_batch_size {used.micro_batch_size} after OOM back-off")
+    if used is not config:
+        logger.warning(f"{stage}: finished with {used.batch_summary()} after OOM back-off")
     progress.update(100.0, f"{stage}: done ({result.steps} steps)")
     publish_stage_artifacts(result)
     logger.info(f"{stage}: done in {result.duration_s:.1f}s, output {result.final or result.out_dir}")

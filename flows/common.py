@@ -1,0 +1,104 @@
+"""What the flows share: the ledger of a pipeline run's stages, and the steps several flows take the same way.
+
+:class:`Stages` runs each stage task, prints a line per stage (on stdout for the shell, in the run's log for the
+UI), keeps every stage's result, and when a stage fails writes the partial report and stops the flow with
+:class:`StageFailed`, naming the stage. No training logic here: it lives in ``llama2_align``, called by ``tasks``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import get_run_logger
+from prefect.futures import wait
+
+from llama2_align.pipeline import PipelineConfig, ResolvedPipeline
+from llama2_align.stages.reward import RewardInputs
+from tasks.demo import demo_data_task
+from tasks.report import report_task
+from tasks.reward import reward_task
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def say(msg: str) -> None:
+    """A progress line: on stdout for the shell, in the run's log for the UI."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    try:
+        get_run_logger().info(msg)
+    except Exception:
+        pass
+
+
+class Stages:
+    """The stages of one pipeline run, in the order they ran: ``name -> StageResult dict`` (or a failure)."""
+
+    def __init__(self, cfg: ResolvedPipeline):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.results: dict[str, dict] = {}
+
+    def dir(self, name: str) -> str:
+        return str(self.run_dir / name)
+
+    def run(self, name: str, task: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
+        """Run one stage task and record its result (or its failure, which stops the pipeline)."""
+        say(f"stage {name}: started")
+        return self.record(name, lambda: task(*args, **kwargs))
+
+    def record(self, name: str, get: Callable[[], dict]) -> dict:
+        try:
+            res = get()
+        except Exception as exc:
+            self.results[name] = {"status": "failed", "error": str(exc)[:2000]}
+            report_task(str(self.run_dir), self.cfg.preset, self.results, None, "ppo")
+            raise StageFailed(f"stage {name!r} failed; its dependents did not run: {exc}") from exc
+        self.results[name] = res
+        say(f"stage {name}: done in {res.get('duration_s', 0):.1f}s -> {res.get('final') or res.get('out_dir')}")
+        return res
+
+
+def prepare_data(stages: Stages) -> dict[str, str]:
+    """The data sets (and the demo tokenizer): the demo world's, written into the run directory, or your files."""
+    cfg = stages.cfg
+    if cfg.data.source == "demo":
+        paths = demo_data_task(cfg.run_dir, seed=cfg.data.demo_seed, sizes=cfg.data.demo_sizes,
+                               vocab_size=cfg.data.vocab_size)
+    else:
+        d = cfg.data
+        paths = {"sft": d.sft, "preference": d.preferences, "prompts": d.prompts, "eval": d.eval,
+                 "tokenizer": d.tokenizer or cfg.base_model}
+    return {"status": "completed", "out_dir": stages.dir("data"), **paths}
+
+
+def reward_models_concurrently(config: PipelineConfig) -> bool:
+    """Both reward models at once (two worker processes) on a GPU machine or a CPU with cores to spare; one after
+    the other in this process on a small CPU, where two trainers only fight over the cores (and each worker process
+    pays its own start-up)."""
+    if config.concurrent_reward_models is not None:
+        return config.concurrent_reward_models
+    import torch
+
+    return torch.cuda.is_available() or (os.cpu_count() or 1) >= 8
+
+
+def train_reward_models(stages: Stages, inputs: RewardInputs, concurrent: bool) -> tuple[str, str]:
+    """The helpfulness and the safety reward model; returns their ``final`` directories. Concurrently they are two
+    submitted tasks (Prefect runs subflows one after another), both awaited before either failure is raised."""
+    cfg = stages.cfg
+    configs = {"reward-helpfulness": cfg.reward_helpfulness, "reward-safety": cfg.reward_safety}
+    if concurrent:
+        say("stage reward-helpfulness + reward-safety: started (concurrently)")
+        futures = {name: reward_task.submit(c, inputs, stages.dir(name)) for name, c in configs.items()}
+        wait(list(futures.values()))
+        for name, future in futures.items():
+            stages.record(name, future.result)
+    else:
+        for name, c in configs.items():
+            stages.run(name, reward_task, c, inputs, stages.dir(name))
+    return stages.results["reward-helpfulness"]["final"], stages.results["reward-safety"]["final"]

@@ -1,0 +1,101 @@
+"""The pipeline presets, as data.
+
+Every stage config's own defaults (``SFTConfig``, ``RewardConfig``, ``PPOConfig``, ...) are the Llama 2 paper's
+recipe for 7B/13B. A preset only says what differs, as ``"section.field": value`` overrides: the same keys that
+``llama2-align run --set`` takes, applied by :func:`llama2_align.pipeline.resolve` through the same path, in this
+order: stage defaults, then the preset, then the config file's and the command line's fields and overrides.
+``llama2-align run --preset NAME --print-config`` prints the fully resolved result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LORA = {"enabled": True, "r": 16, "alpha": 32}
+
+
+def section(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``{"lr": 1}`` under ``"sft"`` -> ``{"sft.lr": 1}``."""
+    return {f"{name}.{key}": value for key, value in values.items()}
+
+
+def both_reward_models(values: dict[str, Any]) -> dict[str, Any]:
+    return {**section("reward_helpfulness", values), **section("reward_safety", values)}
+
+
+# --- the demo world on a CPU: a tiny Llama 2 trained from scratch, every stage scaled down -----------------------
+
+DEMO_SFT = {
+    # 8 epochs: at 3 the tiny model answered ~10% of held-out helpful prompts at temperature 1, too weak a base for
+    # the demo's "PPO keeps helpfulness" check to mean anything (measured: 0.37 at 8 epochs).
+    "learning_rate": 3e-3, "weight_decay": 0.01, "epochs": 8, "batch_size": 32, "micro_batch_size": 32,
+    "max_length": 128, "warmup_ratio": 0.05, "eval_steps": 50, "sample_max_new_tokens": 24,
+}
+DEMO_REWARD = {
+    # 2 epochs (the paper: 1): a from-scratch tiny RM is still underfit after one.
+    "learning_rate": 1e-3, "weight_decay": 0.0, "epochs": 2.0, "batch_size": 32, "micro_batch_size": 32,
+    "max_length": 128, "eval_steps": 50, "score_batch_size": 128,
+}
+DEMO_PPO = {
+    "iterations": 30, "prompts_per_iteration": 64, "mini_batch_size": 32, "micro_batch_size": 32, "ppo_epochs": 2,
+    "learning_rate": 3e-5, "value_learning_rate": 1e-4, "weight_decay": 0.0, "kl_beta": 0.02, "max_new_tokens": 24,
+    "sample_every": 10, "generation_batch_size": 64, "score_batch_size": 128,
+}
+DEMO_REJECTION_SAMPLING = {"max_new_tokens": 24, "generation_batch_size": 64, "score_batch_size": 128,
+                           "num_samples": 4}
+# Sampled at temperature 1 (greedy would hide the unsafe minority SFT learned), 4 samples per prompt so a rate moves
+# by ~0.01 from noise rather than ~0.02.
+DEMO_EVAL = {"max_new_tokens": 24, "temperature": 1.0, "samples_per_prompt": 4, "batch_size": 128}
+
+DEMO = {
+    **section("sft", DEMO_SFT),
+    **both_reward_models(DEMO_REWARD),
+    **section("rejection_sampling", DEMO_REJECTION_SAMPLING),
+    **section("rejection_sampling.sft", DEMO_SFT),
+    **section("ppo", DEMO_PPO),
+    **section("eval", DEMO_EVAL),
+}
+
+# --- real Llama 2 checkpoints on GPUs --------------------------------------------------------------------------------
+
+GPU = {
+    "sft.gradient_checkpointing": True,
+    **both_reward_models({"micro_batch_size": 4, "gradient_checkpointing": True}),
+    "ppo.gradient_checkpointing": True,
+    **section("rejection_sampling", {"k": 16, "temperature": 1.2, "max_new_tokens": 512, "generation_batch_size": 32,
+                                     "score_batch_size": 32}),
+    "rejection_sampling.sft.gradient_checkpointing": True,
+}
+WITH_LORA = {key: LORA for key in ("sft.lora", "reward_helpfulness.lora", "reward_safety.lora", "ppo.lora",
+                                   "rejection_sampling.sft.lora")}
+# 70B: micro-batch 1, the paper's RM learning rate for 70B and its smaller KL penalty.
+LLAMA2_70B = {
+    "sft.micro_batch_size": 1, "rejection_sampling.sft.micro_batch_size": 1,
+    **both_reward_models({"micro_batch_size": 1, "learning_rate": 5e-6}),
+    "ppo.kl_beta": 0.005,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo-tiny": {
+        "base_model": "tiny",
+        **DEMO,
+        "sft.progress_bar": False, **both_reward_models({"progress_bar": False}),
+    },
+    "demo-micro": {  # seconds, for tests
+        "base_model": "micro",
+        "data.demo_sizes": "micro", "data.vocab_size": 400,
+        **DEMO,
+        **section("sft", {"max_steps": 30, "eval_steps": 10, "save_steps": 10, "logging_steps": 5, "num_samples": 3,
+                          "progress_bar": False}),
+        **both_reward_models({"max_steps": 8, "eval_steps": 4, "save_steps": 4, "logging_steps": 2,
+                              "progress_bar": False}),
+        **section("ppo", {"iterations": 3, "prompts_per_iteration": 16, "mini_batch_size": 16,
+                          "micro_batch_size": 16, "max_new_tokens": 12, "save_every": 2, "sample_every": 1,
+                          "num_samples": 3}),
+        **section("eval", {"max_new_tokens": 12, "samples_per_prompt": 1, "max_prompts": 30}),
+    },
+    "llama2-7b-lora": {"base_model": "/models/llama2-7b-hf", **GPU, **WITH_LORA},
+    "llama2-7b": {"base_model": "/models/llama2-7b-hf", **GPU},
+    "llama2-13b-lora": {"base_model": "/models/llama2-13b-hf", **GPU, **WITH_LORA},
+    "llama2-70b-lora": {"base_model": "/models/llama2-70b-hf", **GPU, **WITH_LORA, **LLAMA2_70B},
+}
