@@ -8,8 +8,8 @@ batch (transformers' ``StaticCache``, prompt + ``max_new_tokens`` long), an addi
 buffer and opened a column per step (no mask rebuilt per step), prefill logits for the last position only, and a
 decode step captured in a CUDA graph on GPUs (``torch.compile(mode="reduce-overhead")``; eager elsewhere). Finished
 rows stop costing compute: every few steps, when at most half the rows are still running, the batch is compacted
-(finished rows dropped from the cache). A LoRA (PEFT) policy decodes with its adapters active, unmerged.
-``engine="dynamic"`` is the previous path (transformers' dynamic cache, one forward per step), kept as a reference.
+(finished rows dropped from the cache). A LoRA (PEFT) policy decodes with its adapters active, unmerged. The tests
+check it against transformers' ``generate`` and a plain dynamic-cache decoder kept in ``tests/``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ def decode_steps(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-    engine: str = "static",
     compile: bool | None = None,
     compact: bool = True,
     logprobs: list | None = None,
@@ -75,17 +74,11 @@ def decode_steps(
     """Decode a batch of prompt ids with a KV cache, yielding each step's next tokens ([B]; padding once a row
     has produced EOS). Prompts are left-padded; position ids skip the padding. Stops when every row has finished.
 
-    ``engine``: ``"static"`` (the rollout engine) or ``"dynamic"`` (the previous path). ``compile``: capture the
-    decode step in a CUDA graph; ``None`` = on CUDA only (it is never used on CPU). ``compact``: drop finished rows
-    from the batch as they accumulate (the yielded tensors keep the full batch either way). ``logprobs``: when a
-    list is given, each step appends the log-probabilities of the yielded tokens ([B] float32, 0 for padding) under
-    the model's untempered distribution, ``log_softmax(logits)`` (what PPO's old policy log-probs are)."""
-    if engine == "dynamic":
-        return decode_steps_dynamic(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    generator=generator, logprobs=logprobs)
-    if engine != "static":
-        raise ValueError(f"unknown decode engine {engine!r}: expected 'static' or 'dynamic'")
+    ``compile``: capture the decode step in a CUDA graph; ``None`` = on CUDA only (it is never used on CPU).
+    ``compact``: drop finished rows from the batch as they accumulate (the yielded tensors keep the full batch
+    either way). ``logprobs``: when a list is given, each step appends the log-probabilities of the yielded tokens
+    ([B] float32, 0 for padding) under the model's untempered distribution, ``log_softmax(logits)`` (what PPO's old
+    policy log-probs are)."""
     return _decode_static(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
                           compile=compile, compact=compact, logprobs=logprobs)
@@ -95,58 +88,6 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, live: torch.Tens
     """log_softmax(logits)[token] per row, 0 where the row has finished (its token is padding)."""
     lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return torch.where(live, lp, torch.zeros_like(lp))
-
-
-@torch.no_grad()
-def decode_steps_dynamic(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    logprobs: list | None = None,
-) -> Iterator[torch.Tensor]:
-    """The previous decode path (transformers' dynamic cache, the 2D mask grown per step), kept as the reference the
-    engine is tested and benchmarked against. Same contract as :func:`decode_steps`."""
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
-    attention = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p):] = torch.tensor(p, device=device)
-        attention[i, width - len(p):] = 1
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-
-    cache_kw = _cache_kw(_decoder(model))
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :]
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        next_pos = position_ids[:, -1:] + 1
-        for step in range(max_new_tokens):
-            nxt = _sample_next(logits, temperature, top_p, generator)
-            if logprobs is not None:
-                logprobs.append(_token_logprobs(logits, nxt, ~done))
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            yield nxt
-            done |= nxt == eos_token_id
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=-1)
-            out = model(input_ids=nxt.unsqueeze(-1), attention_mask=attention, position_ids=next_pos,
-                        use_cache=True, **{cache_kw: past})
-            past = out.past_key_values
-            logits = out.logits[:, -1, :]
-            next_pos = next_pos + 1
-    finally:
-        model.train(was_training)
 
 
 def _cache_kw(lm: nn.Module) -> str:
@@ -324,16 +265,21 @@ def _decode_static(
 
 def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, eos_token_id: int, pad_token_id: int,
                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, engine: str = "static",
-                 compile: bool | None = None, compact: bool = True,
+                 generator: torch.Generator | None = None, compile: bool | None = None, compact: bool = True,
                  logprobs: list | None = None) -> list[list[int]]:
     """Each prompt's response ids, up to and including EOS (no padding). With a ``logprobs`` list, one float32
     tensor per response is appended to it: the log-probability of each response token (see :func:`decode_steps`)."""
     step_lps: list | None = [] if logprobs is not None else None
     steps = list(decode_steps(model, prompts, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              generator=generator, engine=engine, compile=compile, compact=compact,
-                              logprobs=step_lps))
+                              generator=generator, compile=compile, compact=compact, logprobs=step_lps))
+    return responses_from_steps(steps, eos_token_id, step_lps, logprobs)
+
+
+def responses_from_steps(steps: list[torch.Tensor], eos_token_id: int, step_logprobs: list | None = None,
+                         logprobs: list | None = None) -> list[list[int]]:
+    """A decoder's per-step tokens ([B] each) cut into responses through EOS; each response's log-probs are
+    appended to ``logprobs`` when ``step_logprobs`` holds the per-step ones."""
     responses = []
     for row in torch.stack(steps, dim=1).tolist():
         resp = []
@@ -343,7 +289,7 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, eos_toke
                 break
         responses.append(resp)
     if logprobs is not None:
-        lp = torch.stack(step_lps, dim=1)
+        lp = torch.stack(step_logprobs, dim=1)
         logprobs.extend(lp[i, :len(r)] for i, r in enumerate(responses))
     return responses
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama2_align.pipeline import preset_config
+
 # The micro SFT is trained a little longer than the smoke tests' 12 steps so its samples end with EOS often and
 # PPO has a policy that responds to the reward signal.
 SFT_STEPS = 150
@@ -39,10 +41,10 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sft_dir(tmp_path_factory, demo_world_dir, tokenizer_dir) -> Path:
     """A finished SFT stage directory (full weights, micro preset); the model is ``<sft_dir>/final``."""
-    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft, sft_config_for
+    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft
 
     torch.set_num_threads(1)
-    cfg = SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": SFT_STEPS,
+    cfg = SFTConfig.model_validate({**preset_config("demo-tiny").sft.model_dump(), "max_steps": SFT_STEPS,
                                     "batch_size": 16, "micro_batch_size": 16, "logging_steps": 10,
                                     "eval_steps": 1000, "save_steps": 1000, "num_samples": 2,
                                     "sample_max_new_tokens": 8, "progress_bar": False})
@@ -54,12 +56,13 @@ def sft_dir(tmp_path_factory, demo_world_dir, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def rm_dirs(tmp_path_factory, demo_world_dir, sft_dir) -> dict[str, Path]:
     """Finished reward-model stage directories, kind ("helpfulness", "safety") -> stage dir (model in final/)."""
-    from llama2_align.stages.reward import RewardConfig, RewardInputs, reward_config_for, run_reward
+    from llama2_align.stages.reward import RewardConfig, RewardInputs, run_reward
 
     torch.set_num_threads(1)
     out = {}
     for kind in ("helpfulness", "safety"):
-        cfg = RewardConfig.model_validate({**reward_config_for("micro", kind).model_dump(), "max_steps": RM_STEPS,
+        cfg = RewardConfig.model_validate({**preset_config("demo-tiny").reward_helpfulness.model_dump(), "kind": kind,
+                                           "max_steps": RM_STEPS,
                                            "batch_size": 16, "micro_batch_size": 16, "logging_steps": 4,
                                            "eval_steps": 1000, "save_steps": 1000, "min_warmup_steps": 1,
                                            "progress_bar": False})

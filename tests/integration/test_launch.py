@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from llama2_align.launch import LaunchError, launch_stage, should_launch
-from llama2_align.stages.ppo import PPOConfig, PPOInputs, ppo_config_for
-from llama2_align.stages.reward import RewardConfig, RewardInputs, reward_config_for
-from llama2_align.stages.sft import SFTConfig, SFTInputs, sft_config_for
+from llama2_align.pipeline import preset_config
+from llama2_align.stages.ppo import PPOConfig, PPOInputs
+from llama2_align.stages.reward import RewardConfig, RewardInputs
+from llama2_align.stages.sft import SFTConfig, SFTInputs
 
 NPROC = 2
 SFT_STEPS = 6
@@ -29,7 +30,7 @@ SFT_ENTRIES = {".launch", "checkpoint-3", "checkpoint-6", "final", "metrics.json
 
 
 def _sft_config(**overrides) -> SFTConfig:
-    return SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": SFT_STEPS,
+    return SFTConfig.model_validate({**preset_config("demo-tiny").sft.model_dump(), "max_steps": SFT_STEPS,
                                      "batch_size": 16, "micro_batch_size": 8, "logging_steps": 1, "eval_steps": 3,
                                      "save_steps": 3, "num_samples": 2, "sample_max_new_tokens": 8,
                                      "progress_bar": False, "num_processes": NPROC, **overrides})
@@ -63,7 +64,8 @@ def launched_rms(tmp_path_factory, demo_world_dir, launched_sft) -> dict[str, Pa
     sft_out = launched_sft[0]
     dirs = {}
     for kind in ("helpfulness", "safety"):
-        cfg = RewardConfig.model_validate({**reward_config_for("micro", kind).model_dump(), "max_steps": 4,
+        cfg = RewardConfig.model_validate({**preset_config("demo-tiny").reward_helpfulness.model_dump(), "kind": kind,
+                                           "max_steps": 4,
                                            "batch_size": 16, "micro_batch_size": 8, "logging_steps": 2,
                                            "eval_steps": 1000, "save_steps": 1000, "min_warmup_steps": 1,
                                            "progress_bar": False, "num_processes": NPROC})
@@ -83,7 +85,7 @@ def launched_rms(tmp_path_factory, demo_world_dir, launched_sft) -> dict[str, Pa
 def test_should_launch():
     assert not should_launch(_sft_config(num_processes=1))
     assert should_launch(_sft_config(num_processes=2))
-    assert should_launch(ppo_config_for("micro").model_copy(update={"num_processes": 4}))
+    assert should_launch(preset_config("demo-tiny").ppo.model_copy(update={"num_processes": 4}))
     assert not should_launch(object())
 
 
@@ -142,7 +144,7 @@ def test_sft_under_torchrun_has_the_single_process_shape(launched_sft):
 def test_ppo_under_torchrun(tmp_path, demo_world_dir, launched_sft, launched_rms):
     """2 processes, 2 iterations: each rank rolls out its half of the prompts, gradients are all-reduced, rank 0
     writes; a checkpoint holds both ranks' optimizer/RNG states."""
-    cfg = PPOConfig.model_validate({**ppo_config_for("micro").model_dump(), "iterations": 2,
+    cfg = PPOConfig.model_validate({**preset_config("demo-tiny").ppo.model_dump(), "iterations": 2,
                                     "prompts_per_iteration": 8, "mini_batch_size": 8, "micro_batch_size": 4,
                                     "ppo_epochs": 1, "max_new_tokens": 8, "save_every": 1, "keep_checkpoints": 1,
                                     "sample_every": 1, "num_samples": 2, "num_processes": NPROC})

@@ -100,7 +100,7 @@ def test_a_configured_api_url_wins(home, tmp_path):
 
 
 def test_cli_run_bad_option_leaves_no_server(home):
-    proc = subprocess.run([sys.executable, "-m", "llama2_align", "run", "--preset", "demo-micro", "--set",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "demo-micro", "--set",
                            "ppo.iterations=-3"], env=_env(home), capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
     assert proc.returncode == 2 and "iterations" in proc.stderr
@@ -114,7 +114,7 @@ def test_cli_run_records_the_pipeline_and_its_logs(home, tmp_path):
     env = _env(home)
     env.pop("PREFECT_LOGGING_LEVEL", None)
     env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)  # the CLI's own default applies
-    proc = subprocess.run([sys.executable, "-m", "llama2_align", "run", "--preset", "demo-micro", "--runs-root",
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--preset", "demo-micro", "--runs-root",
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "stage ppo: done" in proc.stdout and (tmp_path / "demo" / "report.json").exists()

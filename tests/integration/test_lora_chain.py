@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 
+from llama2_align.pipeline import preset_config
+
 pytestmark = pytest.mark.slow
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
@@ -19,19 +21,20 @@ LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
 @pytest.fixture(scope="module")
 def lora_chain(tmp_path_factory, demo_world_dir, tokenizer_dir):
     from llama2_align.stages.ppo import PPOConfig, PPOInputs, run_ppo
-    from llama2_align.stages.reward import RewardConfig, RewardInputs, reward_config_for, run_reward
-    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft, sft_config_for
+    from llama2_align.stages.reward import RewardConfig, RewardInputs, run_reward
+    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("lora_chain")
-    sft = SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": 6, "batch_size": 8,
+    sft = SFTConfig.model_validate({**preset_config("demo-tiny").sft.model_dump(), "max_steps": 6, "batch_size": 8,
                                     "micro_batch_size": 8, "save_steps": 100, "eval_steps": 100, "num_samples": 0,
                                     "progress_bar": False, "lora": LORA})
     run_sft(sft, SFTInputs(base="micro", data=str(demo_world_dir / "sft.jsonl"), tokenizer=str(tokenizer_dir)),
             root / "sft")
     rms = {}
     for kind in ("helpfulness", "safety"):
-        cfg = RewardConfig.model_validate({**reward_config_for("micro", kind).model_dump(), "max_steps": 4,
+        cfg = RewardConfig.model_validate({**preset_config("demo-tiny").reward_helpfulness.model_dump(), "kind": kind,
+                                           "max_steps": 4,
                                            "batch_size": 8, "micro_batch_size": 8, "save_steps": 100,
                                            "eval_steps": 100, "min_warmup_steps": 1, "progress_bar": False,
                                            "lora": LORA})
@@ -50,7 +53,7 @@ def test_every_stage_saved_an_adapter_pointing_at_its_input(lora_chain):
     root, rms = lora_chain
     sft_final = root / "sft" / "final"
     assert (sft_final / "adapter_config.json").exists()
-    for kind, path in rms.items():
+    for path in rms.values():
         assert (path / "adapter_config.json").exists()
         assert json.loads((path / "llama2_align_model.json").read_text())["base"] == str(sft_final.resolve())
     ppo_meta = json.loads((root / "ppo" / "final" / "llama2_align_model.json").read_text())

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama2_align.pipeline import preset_config
 from llama2_align.stages.common import checkpoints
-from llama2_align.stages.ppo import NonFiniteError, PPOConfig, PPOInputs, ppo_config_for, run_ppo
+from llama2_align.stages.ppo import NonFiniteError, PPOConfig, PPOInputs, run_ppo
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ WINDOW = 5  # iterations averaged at each end of the run
 def _config(**overrides) -> PPOConfig:
     # micro preset with a high learning rate: 40 iterations of 64 prompts move the reward well past its noise
     # (about ±0.03 per iteration) in ~25 s on one CPU thread.
-    base = {**ppo_config_for("micro").model_dump(), "learning_rate": 3e-4, "save_every": 1000,
+    base = {**preset_config("demo-tiny").ppo.model_dump(), "learning_rate": 3e-4, "save_every": 1000,
             "sample_every": 10, "num_samples": 4}
     return PPOConfig.model_validate({**base, **overrides})
 
@@ -66,7 +67,8 @@ def test_reward_rises_while_kl_stays_bounded(learned):
     first, last = _mean(rows[:WINDOW], "reward_combined"), _mean(rows[-WINDOW:], "reward_combined")
     kls = [r["kl_ref"] for r in rows]
     print(f"\nPPO micro: reward_combined first {WINDOW} = {first:.3f}, last {WINDOW} = {last:.3f}; "
-          f"kl_ref first = {kls[0]:.3f}, max = {max(kls):.3f}, last {WINDOW} mean = {_mean(rows[-WINDOW:], 'kl_ref'):.3f}")
+          f"kl_ref first = {kls[0]:.3f}, max = {max(kls):.3f}, "
+          f"last {WINDOW} mean = {_mean(rows[-WINDOW:], 'kl_ref'):.3f}")
     assert last > first + 0.03, (first, last)
     assert all(math.isfinite(k) for k in kls)
     assert abs(kls[0]) < 0.5  # the first rollout comes from the reference itself

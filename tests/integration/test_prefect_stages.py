@@ -4,28 +4,29 @@ read back through the client, cross-run caching, and a re-run when the stage's o
 from __future__ import annotations
 
 import os
-
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from llama2_align.stages.reward import RewardConfig, reward_config_for
-from llama2_align.stages.sft import SFTConfig, sft_config_for
+from llama2_align.pipeline import preset_config
+from llama2_align.stages.reward import RewardConfig
+from llama2_align.stages.sft import SFTConfig
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
 
 
 def _sft_config() -> SFTConfig:
-    return SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": 12, "batch_size": 8,
+    return SFTConfig.model_validate({**preset_config("demo-tiny").sft.model_dump(), "max_steps": 12, "batch_size": 8,
                                      "micro_batch_size": 8, "logging_steps": 4, "eval_steps": 6, "save_steps": 6,
                                      "num_samples": 3, "sample_max_new_tokens": 8})
 
 
 def _rm_config(kind: str) -> RewardConfig:
-    return RewardConfig.model_validate({**reward_config_for("micro", kind).model_dump(), "max_steps": 4,
+    return RewardConfig.model_validate({**preset_config("demo-tiny").reward_helpfulness.model_dump(), "kind": kind,
+                                           "max_steps": 4,
                                         "batch_size": 8, "micro_batch_size": 8, "logging_steps": 2, "eval_steps": 4,
                                         "save_steps": 4, "min_warmup_steps": 1})
 

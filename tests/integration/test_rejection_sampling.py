@@ -9,8 +9,14 @@ import math
 import pytest
 import torch
 
-from llama2_align.stages.rejection_sampling import (KEPT_FILE, SAMPLES_FILE, RejectionSamplingConfig, RSInputs,
-                                                    rs_config_for, run_rejection_sampling)
+from llama2_align.pipeline import preset_config
+from llama2_align.stages.rejection_sampling import (
+    KEPT_FILE,
+    SAMPLES_FILE,
+    RejectionSamplingConfig,
+    RSInputs,
+    run_rejection_sampling,
+)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
@@ -19,7 +25,7 @@ K, PROMPTS = 4, 32
 
 
 def _config() -> RejectionSamplingConfig:
-    base = rs_config_for("micro").model_dump()
+    base = preset_config("demo-tiny").rejection_sampling.model_dump()
     base.update(k=K, max_prompts=PROMPTS, num_samples=3)
     base["sft"].update(max_steps=6, batch_size=16, micro_batch_size=16, learning_rate=1e-3, logging_steps=2,
                        eval_steps=1000, save_steps=3, num_samples=1, sample_max_new_tokens=8, progress_bar=False)

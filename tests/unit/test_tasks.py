@@ -6,16 +6,22 @@ import json
 
 import pytest
 import torch
-from pydantic import ValidationError
 from prefect.states import Failed
+from pydantic import ValidationError
 
 from llama2_align.data import DataIssue, DataValidationError
 from llama2_align.launch import LaunchError
-from llama2_align.stages.reward import reward_config_for
+from llama2_align.pipeline import preset_config
 from llama2_align.stages.sft import SFTConfig, SFTInputs
 from tasks.artifacts import accuracy_rows, artifact_key, metrics_rows, png_data_uri
-from tasks.common import (CACHE_TOKEN_FILE, OutOfMemoryAtMicroBatchOne, is_transient, retry_transient,
-                          run_with_oom_backoff, stage_cache_key)
+from tasks.common import (
+    CACHE_TOKEN_FILE,
+    OutOfMemoryAtMicroBatchOne,
+    is_transient,
+    retry_transient,
+    run_with_oom_backoff,
+    stage_cache_key,
+)
 
 torch.set_num_threads(1)
 
@@ -221,4 +227,4 @@ def test_stage_tasks_share_retry_and_cache_options():
         assert t.retries == 2 and t.retry_condition_fn is retry_transient
         assert t.cache_key_fn is stage_cache_key_fn and t.persist_result is True
     assert sft_task.task_run_name == "sft"
-    assert reward_task.task_run_name.format(config=reward_config_for("micro", "safety")) == "reward-safety"
+    assert reward_task.task_run_name.format(config=preset_config("demo-tiny").reward_safety) == "reward-safety"
