@@ -15,7 +15,7 @@ export PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL ?= WARNING
 PREFECT_PORT ?= 4200
 WORK_POOL ?= llama2-gpu
 
-.PHONY: install demo test test-quick server worker deploy clean
+.PHONY: install demo test test-quick lint server worker deploy clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,17 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m llama2_align.cli run --preset demo-tiny
+	$(PY) -m flows.cli run --preset demo-tiny
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
 
-test-quick: install
+test-quick: install lint
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff (pyproject.toml [tool.ruff]: line length 120, pycodestyle, pyflakes, import order, bugbear)
+lint: install
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf runs .prefect demo_out

@@ -69,7 +69,7 @@ def random_model(preset: str, device: torch.device, dtype: torch.dtype, vocab_si
                  role: str = "policy", lora=None):
     """A preset with random weights. On CUDA the big presets are built on the meta device, then ``to_empty`` on the
     GPU and initialised there (no 13 GB fp32 detour through host memory)."""
-    from llama2_align.model import build_model, llama_config, _model_class, _prepare_config
+    from llama2_align.model import _model_class, _prepare_config, build_model, llama_config
 
     if device.type != "cuda":
         return build_model(preset, role, device=device, dtype=dtype, vocab_size=vocab_size, lora=lora)
@@ -79,7 +79,7 @@ def random_model(preset: str, device: torch.device, dtype: torch.dtype, vocab_si
         model = _model_class(role)(config)
     model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.fill_(1.0)  # RMSNorm weights
             else:

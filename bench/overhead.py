@@ -2,7 +2,7 @@
 
 Both sides run in a fresh process each, in a fresh runs directory, with the same resolved configs
 (``llama2_align.pipeline.resolve(PipelineConfig(preset=...))``), the same demo data and tokenizer:
-- Prefect: ``python -m llama2_align.cli run --preset <preset>``, the command ``make demo`` runs, with the Makefile's
+- Prefect: ``python -m flows.cli run --preset <preset>``, the command ``make demo`` runs, with the Makefile's
   Prefect environment (a PREFECT_HOME whose database is migrated beforehand, as ``make demo`` leaves it after its
   first run; the local API server is started by the command itself; run logs to the API at INFO, the console at
   WARNING);
@@ -105,7 +105,7 @@ def main() -> None:
                 runs["direct"].append(_run(lambda r: [sys.executable, "-c", DIRECT_SIDE, args.preset, r], base_env))
                 print(f"run {i + 1}: direct {runs['direct'][-1]:.1f} s", flush=True)
             if args.only in (None, "prefect"):
-                runs["prefect"].append(_run(lambda r: [sys.executable, "-m", "llama2_align.cli", "run", "--preset",
+                runs["prefect"].append(_run(lambda r: [sys.executable, "-m", "flows.cli", "run", "--preset",
                                                        args.preset, "--runs-root", r], env))
                 print(f"run {i + 1}: prefect {runs['prefect'][-1]:.1f} s", flush=True)
     names = {"direct": "direct: the stage functions in one process",

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import HBM_BANDWIDTH, device_name, lookup, measure_bandwidth, print_table, random_model, timed
-
 import torch
+from _common import HBM_BANDWIDTH, device_name, lookup, measure_bandwidth, print_table, random_model, timed
 
 
 def main() -> None:

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 
-from _common import PEAK_BF16, device_name, lookup, print_table, random_model, sync, timed
-
 import torch
 import torch.nn.functional as F
+from _common import PEAK_BF16, device_name, lookup, print_table, random_model, sync, timed
 
 
 def main() -> None:
