@@ -20,7 +20,7 @@ from prefect.futures import wait
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from llama2_align.pipeline import PipelineConfig, ResolvedPipeline, model_size, resolve
-from llama2_align.report import headline_rows
+from llama2_align.report import bar_line, headline_rows
 from llama2_align.stages.evaluate import EvalInputs
 from llama2_align.stages.ppo import PPOInputs
 from llama2_align.stages.reward import RewardInputs
@@ -153,8 +153,6 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             print("  ".join(r[c].ljust(widths[c]) for c in cols))
     bar = out.get("demo_bar")
     if bar:
-        print(f"\ndemo bar (oracle, ppo vs sft): {'PASSED' if bar['passed'] else 'NOT MET'} — violation rate "
-              f"{100 * bar['violation_rate_reduction_rel']:.0f}% lower, helpfulness {bar['helpfulness_delta']:+.3f}, "
-              f"false refusals {bar['false_refusal_delta_points']:+.1f} points")
+        print(f"\ndemo bar (oracle, ppo vs sft, 95% intervals): {bar_line(bar)}")
     _say(f"pipeline finished in {time.perf_counter() - t0:.0f}s; report: {out['report_md']}")
     return out
