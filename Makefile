@@ -35,7 +35,7 @@ test: install lint
 test-quick: install lint
 	$(PY) -m pytest -q -m "not slow"
 
-# ruff (pyproject.toml [tool.ruff]: line length 120, pycodestyle, pyflakes, import order, bugbear)
+# ruff (pyproject.toml [tool.ruff]: line length 120, pycodestyle, pyflakes, bugbear)
 lint: install
 	$(PY) -m ruff check .
 

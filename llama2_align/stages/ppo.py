@@ -39,17 +39,8 @@ from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
 from ..model import LoraSettings, Reference, build_model, build_reference, is_peft, save_model, unwrap
 from ..tokenizer import load_tokenizer
-from .common import (
-    FINAL_DIR,
-    METRICS_FILE,
-    STAGING_DIR,
-    StageOutput,
-    StageRun,
-    Timer,
-    checkpoint_step,
-    prune_checkpoints,
-    stage,
-)
+from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, StageOutput, StageRun, Timer, checkpoint_step,
+                     prune_checkpoints, stage)
 from .reward import RewardScorer
 
 VALUE_DIR = "value"

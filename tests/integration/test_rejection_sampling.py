@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from llama2_align.pipeline import preset_config
-from llama2_align.stages.rejection_sampling import (
-    KEPT_FILE,
-    SAMPLES_FILE,
-    RejectionSamplingConfig,
-    RSInputs,
-    run_rejection_sampling,
-)
+from llama2_align.stages.rejection_sampling import (KEPT_FILE, SAMPLES_FILE, RejectionSamplingConfig, RSInputs,
+                                                    run_rejection_sampling)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow

@@ -8,15 +8,8 @@ import random
 import pytest
 import sentencepiece as spm
 
-from llama2_align.chat import (
-    LLAMA2_CHAT_TEMPLATE,
-    ChatFormatError,
-    encode_dialog,
-    encode_prompt,
-    encode_response,
-    prompt_messages,
-    render_text,
-)
+from llama2_align.chat import (LLAMA2_CHAT_TEMPLATE, ChatFormatError, encode_dialog, encode_prompt, encode_response,
+                               prompt_messages, render_text)
 from llama2_align.tokenizer import SPM_FILE, load_tokenizer, save_tokenizer, train_tokenizer
 
 VOCAB = 300

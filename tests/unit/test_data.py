@@ -10,19 +10,8 @@ from pathlib import Path
 import pytest
 
 from llama2_align import data
-from llama2_align.data import (
-    DataIssue,
-    DataValidationError,
-    EvalRecord,
-    PreferenceRecord,
-    PromptRecord,
-    SFTRecord,
-    export_json_schemas,
-    read_records,
-    summarize,
-    write_jsonl,
-    write_parquet,
-)
+from llama2_align.data import (DataIssue, DataValidationError, EvalRecord, PreferenceRecord, PromptRecord, SFTRecord,
+                               export_json_schemas, read_records, summarize, write_jsonl, write_parquet)
 
 SPECS = Path(__file__).resolve().parents[2] / "data_specs"
 

@@ -13,19 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama2_align.meta_format import (
-    MetaCheckpointError,
-    convert_command,
-    convert_meta_to_hf,
-    ffn_params,
-    ffn_size,
-    is_meta_checkpoint,
-    load_meta_checkpoint,
-    meta_config,
-    permute,
-    unpermute,
-    write_meta_checkpoint,
-)
+from llama2_align.meta_format import (MetaCheckpointError, convert_command, convert_meta_to_hf, ffn_params, ffn_size,
+                                      is_meta_checkpoint, load_meta_checkpoint, meta_config, permute, unpermute,
+                                      write_meta_checkpoint)
 from llama2_align.model import PRESETS, build_model, llama_config, source_kind
 from llama2_align.tokenizer import train_tokenizer
 

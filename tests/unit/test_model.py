@@ -9,18 +9,8 @@ import torch
 
 from llama2_align import model as M
 from llama2_align.device import resolve_dtype
-from llama2_align.model import (
-    DEFAULT_LORA_TARGETS,
-    LoraSettings,
-    build_model,
-    build_reference,
-    describe_preset,
-    export_merged,
-    format_preset_table,
-    merge_lora,
-    save_model,
-    trainable_parameters,
-)
+from llama2_align.model import (DEFAULT_LORA_TARGETS, LoraSettings, build_model, build_reference, describe_preset,
+                                export_merged, format_preset_table, merge_lora, save_model, trainable_parameters)
 
 torch.set_num_threads(1)
 

@@ -14,14 +14,8 @@ from llama2_align.launch import LaunchError
 from llama2_align.pipeline import preset_config
 from llama2_align.stages.sft import SFTConfig, SFTInputs
 from tasks.artifacts import accuracy_rows, artifact_key, metrics_rows, png_data_uri
-from tasks.common import (
-    CACHE_TOKEN_FILE,
-    OutOfMemoryAtMicroBatchOne,
-    is_transient,
-    retry_transient,
-    run_with_oom_backoff,
-    stage_cache_key,
-)
+from tasks.common import (CACHE_TOKEN_FILE, OutOfMemoryAtMicroBatchOne, is_transient, retry_transient,
+                          run_with_oom_backoff, stage_cache_key)
 
 torch.set_num_threads(1)
 
