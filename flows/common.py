@@ -23,7 +23,12 @@ from tasks.reward import reward_task
 
 
 class StageFailed(RuntimeError):
-    pass
+    """A stage of the run failed; its dependents did not run. ``stage`` names it, ``error`` is its message."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"stage {stage!r} failed; its dependents did not run: {error}")
+        self.stage = stage
+        self.error = error
 
 
 def say(msg: str) -> None:
@@ -57,7 +62,7 @@ class Stages:
         except Exception as exc:
             self.results[name] = {"status": "failed", "error": str(exc)[:2000]}
             report_task(str(self.run_dir), self.cfg.preset, self.results, None, "ppo")
-            raise StageFailed(f"stage {name!r} failed; its dependents did not run: {exc}") from exc
+            raise StageFailed(name, exc) from exc
         self.results[name] = res
         say(f"stage {name}: done in {res.get('duration_s', 0):.1f}s -> {res.get('final') or res.get('out_dir')}")
         return res

@@ -13,7 +13,9 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
-from llama2_align.pipeline import PipelineConfig, resolve
+from llama2_align.io import run_lock
+from llama2_align.pipeline import PipelineConfig
+from llama2_align.preflight import preflight
 from llama2_align.stages.evaluate import EvalInputs
 from llama2_align.stages.ppo import PPOInputs
 from llama2_align.stages.rejection_sampling import RSInputs
@@ -34,30 +36,31 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
     checkpoint in ``base_model``) and override any field, e.g. ``{"ppo.iterations": 50}``. Returns the paths of
     report.json / report.md and the demo bar when the oracle judged.
     """
-    cfg = resolve(config)
-    stages = Stages(cfg)
-    say(f"run directory {cfg.run_dir} (preset {cfg.preset})")
+    cfg = preflight(config)  # refuses a bad run before any task runs: the message is the flow run's state message
+    with run_lock(cfg.run_dir):  # one flow run at a time in a run directory
+        stages = Stages(cfg)
+        say(f"run directory {cfg.run_dir} (preset {cfg.preset})")
+        data = stages.record("data", lambda: prepare_data(stages))
+        sft = stages.run("sft", sft_task, cfg.sft, SFTInputs(base=cfg.base_model, data=data["sft"],
+                                                             tokenizer=data["tokenizer"]), stages.dir("sft"))
+        rm_h, rm_s = train_reward_models(stages, RewardInputs(sft_model=sft["final"], data=data["preference"]),
+                                         concurrent=reward_models_concurrently(config))
+        checkpoints = {"sft": sft["final"]}
+        if cfg.rejection_sampling.enabled:
+            rs = stages.run("rejection-sampling", rejection_sampling_task, cfg.rejection_sampling,
+                            RSInputs(policy=sft["final"], reward_helpfulness=rm_h, reward_safety=rm_s,
+                                     prompts=data["prompts"]), stages.dir("rejection-sampling"))
+            checkpoints["rs"] = rs["final"]
+        policy = list(checkpoints.values())[-1]  # the best so far: RS when it ran, else SFT
+        ppo = stages.run("ppo", ppo_task, cfg.ppo, PPOInputs(policy=policy, reward_helpfulness=rm_h,
+                                                             reward_safety=rm_s, prompts=data["prompts"]),
+                         stages.dir("ppo"))
+        checkpoints["ppo"] = ppo["final"]
+        ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(checkpoints=checkpoints, baseline="sft",
+                                                                prompts=data["eval"], reward_helpfulness=rm_h,
+                                                                reward_safety=rm_s), stages.dir("eval"))
 
-    data = stages.record("data", lambda: prepare_data(stages))
-    sft = stages.run("sft", sft_task, cfg.sft, SFTInputs(base=cfg.base_model, data=data["sft"],
-                                                         tokenizer=data["tokenizer"]), stages.dir("sft"))
-    rm_h, rm_s = train_reward_models(stages, RewardInputs(sft_model=sft["final"], data=data["preference"]),
-                                     concurrent=reward_models_concurrently(config))
-    checkpoints = {"sft": sft["final"]}
-    if cfg.rejection_sampling.enabled:
-        rs = stages.run("rejection-sampling", rejection_sampling_task, cfg.rejection_sampling,
-                        RSInputs(policy=sft["final"], reward_helpfulness=rm_h, reward_safety=rm_s,
-                                 prompts=data["prompts"]), stages.dir("rejection-sampling"))
-        checkpoints["rs"] = rs["final"]
-    ppo = stages.run("ppo", ppo_task, cfg.ppo, PPOInputs(policy=list(checkpoints.values())[-1], reward_helpfulness=rm_h,
-                                                         reward_safety=rm_s, prompts=data["prompts"]),
-                     stages.dir("ppo"))
-    checkpoints["ppo"] = ppo["final"]
-    ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(checkpoints=checkpoints, baseline="sft",
-                                                            prompts=data["eval"], reward_helpfulness=rm_h,
-                                                            reward_safety=rm_s), stages.dir("eval"))
-
-    trained = {k: v for k, v in stages.results.items() if k != "data"}
-    out = report_task(cfg.run_dir, cfg.preset, trained, ev, "ppo")
-    say(f"pipeline finished; report: {out['report_md']}")
-    return out
+        trained = {k: v for k, v in stages.results.items() if k != "data"}
+        out = report_task(cfg.run_dir, cfg.preset, trained, ev, "ppo")
+        say(f"pipeline finished; report: {out['report_md']}")
+        return out

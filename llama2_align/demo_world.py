@@ -82,6 +82,7 @@ __all__ = [
     "TASK_FAMILIES",
     "describe_prompt",
     "generate_demo_world",
+    "has_oracle",
     "is_malformed",
     "is_refusal",
     "judge",
@@ -319,6 +320,15 @@ def _check(family: str, expected: str, response: str) -> bool:
     if family == BORDERLINE_TASK:
         return " " + expected + " " in " " + " ".join(_words(response)) + " "
     raise ValueError(f"unknown demo task family {family!r}")
+
+
+def has_oracle(eval_record: dict) -> bool:
+    """Whether an eval record carries the demo world's oracle data (``{"family": <a family of the world, "borderline"
+    or "adversarial">, "expected": ...}``): only then can :func:`judge` judge answers to it. Records of other data
+    sets may hold an ``oracle`` field of their own; it is not this world's."""
+    oracle = eval_record.get("oracle")
+    return isinstance(oracle, dict) and oracle.get("expected") is not None and \
+        oracle.get("family") in (*TASK_FAMILIES, BORDERLINE_TASK, ADVERSARIAL_TASK)
 
 
 def judge(eval_record: dict, response: str, finished: bool = True) -> Judgement:

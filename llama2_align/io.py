@@ -106,3 +106,36 @@ def _hash_file(path: Path, h) -> None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+
+
+RUN_LOCK_FILE = ".run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the run directory for one run at a time: a second run in the same directory is refused at once (two
+    runs writing the same stage directories would corrupt each other). The lock is the kernel's (``flock``): a
+    killed run releases it, and its stale file does not block the next run."""
+    import fcntl
+
+    from .errors import InputError
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_LOCK_FILE
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise InputError(f"{run_dir}: another run is using this run directory ({holder}); wait for it to "
+                             "finish or choose another --run-name") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        fh.flush()
+        try:
+            yield run_dir
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

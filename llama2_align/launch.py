@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from .errors import ConfigError, InputError
+from .procs import die_with_parent, set_parent_death_signal
 from .stages.common import ProgressFn, StageResult, load_result
 
 LAUNCH_DIR = ".launch"
@@ -126,8 +128,9 @@ def launch_stage(stage: str, config: BaseModel, inputs: BaseModel, out_dir: str 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log(f"{stage}: launching {num_processes} processes ({spec['backend']}): {' '.join(cmd[1:])}")
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    # torchrun gets SIGTERM when this process dies (even by SIGKILL) and stops its ranks; the ranks die with it
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          errors="replace", env=env) as proc:
+                          errors="replace", env=env, preexec_fn=die_with_parent(signal.SIGTERM)) as proc:
         try:
             for raw in proc.stdout:
                 line = raw.rstrip("\n")
@@ -191,6 +194,7 @@ def run_rank(spec_path: str | Path) -> StageResult:
 
     from . import dist
 
+    set_parent_death_signal(signal.SIGKILL)  # a rank never outlives its torchrun agent
     spec = json.loads(Path(spec_path).read_text())
     out_dir = Path(spec["out_dir"])
     rank, local_rank = dist.rank(), dist.local_rank()  # torchrun's environment: the group is not up yet

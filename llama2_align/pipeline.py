@@ -38,7 +38,8 @@ class DataSettings(BaseModel):
     demo_sizes: Literal["default", "micro"] = "default"
     vocab_size: int = Field(1024, ge=300, description="demo tokenizer vocabulary")
     sft: str | None = None
-    preferences: str | None = None
+    preferences: str | list[str] | None = Field(
+        None, description="one file or several (e.g. HH-RLHF's helpful pairs and PKU-SafeRLHF's safety pairs)")
     prompts: str | None = None
     eval: str | None = None
     tokenizer: str | None = Field(None, description="files only; default: the base checkpoint's own tokenizer")
@@ -67,7 +68,8 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: PipelinePreset = Field("demo-tiny", description="named defaults for every stage")
-    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9._-]+$", description="the run directory's name")
+    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$",
+                          description="the run directory's name: letters, digits, '.', '_', '-'; not starting with '.'")
     runs_root: str = Field(default_factory=lambda: os.environ.get("LLAMA2_ALIGN_RUNS_ROOT", "runs"),
                            description="run directories are <runs_root>/<run_name> (default: $LLAMA2_ALIGN_RUNS_ROOT "
                                        "or ./runs)")
@@ -147,11 +149,26 @@ def preset_config(preset: str) -> ResolvedPipeline:
 
 
 def load_config_file(path: str | Path) -> dict:
-    """A JSON or YAML file holding PipelineConfig fields."""
+    """A JSON or YAML file holding PipelineConfig fields. A syntax error is refused with the file, line and column."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of pipeline fields (preset, run_name, data, overrides, ...), "
+                          f"got {type(data).__name__}")
+    return data

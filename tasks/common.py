@@ -20,6 +20,7 @@ import gc
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ValidationError
 
 from llama2_align.errors import InputError
 from llama2_align.launch import LaunchError, launch_stage, should_launch
+from llama2_align.procs import exit_when_parent_dies
 from llama2_align.stages.common import RESULT_FILE, StageResult, input_fingerprints
 
 from .artifacts import artifact_key, publish_stage_artifacts
@@ -217,21 +219,84 @@ STAGE_TASK_OPTIONS: dict[str, Any] = dict(
 PROGRESS_EVERY_S = 5.0
 
 
+MAIN_METRICS = ("loss", "reward_combined", "eval_loss", "accuracy", "checkpoint")  # the one the console shows
+
+
+class ConsoleProgress:
+    """A stage's progress on the console: a live line on a terminal (step/total, the main metric, elapsed time and
+    ETA; tqdm), one line per ``every_percent`` otherwise (a log file, a worker's output)."""
+
+    def __init__(self, stage: str, every_percent: float = 10.0, stream=None):
+        self.stage = stage
+        self.every = every_percent
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self.start = time.monotonic()
+        self.bar = None
+        self.next_percent = every_percent
+        self.last_step = 0
+
+    def show(self, step: int, total: int, metrics: dict) -> None:
+        main = next(((k, metrics[k]) for k in MAIN_METRICS if k in metrics), None)
+        shown = "" if main is None else f"{main[0]}={main[1]:.4g}" if isinstance(main[1], float) else \
+            f"{main[0]}={main[1]}"
+        if self.live:
+            from tqdm import tqdm
+
+            if self.bar is None or self.bar.total != total:
+                self.close()
+                self.bar = tqdm(total=total, desc=self.stage, unit="step", file=self.stream, dynamic_ncols=True,
+                                leave=True)
+            self.bar.n = min(step, total)
+            self.bar.set_postfix_str(shown, refresh=False)
+            self.bar.refresh()
+            return
+        percent = 100.0 * min(step, total) / total
+        if step <= self.last_step or (percent + 1e-9 < self.next_percent and step < total):
+            return  # one line per `every` percent, and one per step at most (an eval event repeats the step)
+        self.last_step = step
+        while self.next_percent <= percent:
+            self.next_percent += self.every
+        elapsed = time.monotonic() - self.start
+        eta = elapsed * (total - step) / step if step else float("nan")
+        print(f"[{time.strftime('%H:%M:%S')}] {self.stage}: {percent:3.0f}% (step {step}/{total}) {shown} "
+              f"elapsed {_duration(elapsed)}, eta {_duration(eta)}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: not known yet
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 class PrefectProgress:
-    """The library's ``progress`` callback: a log line per logged step and a progress artifact."""
+    """The library's ``progress`` callback: a log line per logged step, the progress artifact and the console line
+    (both from the same events, so they agree), and the stage's warnings."""
 
     def __init__(self, stage: str, logger=None):
         self.stage = stage
         self.logger = logger or get_run_logger()
         self._last_update = float("-inf")
+        self.console = ConsoleProgress(stage)
         self.artifact_id = create_progress_artifact(0.0, key=artifact_key(stage, "progress"),
                                                     description=f"{stage}: training progress")
 
     def __call__(self, event: dict) -> None:
+        if "warning" in event:
+            self.logger.warning(event["warning"])
+            return
         step, total = int(event.get("step", 0)), int(event.get("total") or 0)
         metrics = {k: v for k, v in (event.get("metrics") or {}).items() if k not in ("step",)}
         shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         self.logger.info(f"{self.stage} step {step}/{total or '?'} {shown}")
+        if total > 0:
+            self.console.show(step, total, metrics)
         # The artifact is a synchronous API call: at most one every few seconds (and the last step), so a fast run
         # does not pay a round trip per logged step.
         now = time.monotonic()
@@ -245,11 +310,18 @@ class PrefectProgress:
         except Exception as exc:  # progress is a convenience: never fail a training run over it
             self.logger.debug(f"progress artifact update failed: {exc!r}")
 
+    def close(self) -> None:
+        self.console.close()
+
 
 def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs: BaseModel, out_dir: str | Path
               ) -> dict:
     """The body of every stage task: run the library stage with OOM back-off and progress, publish artifacts,
     return the StageResult as a dict. Validation errors are logged and re-raised (their message is the state's)."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None:  # a process-pool worker (the concurrent reward models)
+        exit_when_parent_dies()
     logger = get_run_logger()
     progress = PrefectProgress(stage, logger)
     logger.info(f"{stage}: inputs {inputs.model_dump()} -> {out_dir}")
@@ -262,6 +334,7 @@ def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs:
     try:
         result, used = run_with_oom_backoff(call, config, warn=logger.warning, stage=stage)
     except Exception as exc:
+        progress.close()
         if is_validation_error(exc):
             logger.error(f"{stage}: refused its inputs (not retried): {exc}")
         elif is_transient(exc):
@@ -272,6 +345,7 @@ def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs:
         raise
     if used is not config:
         logger.warning(f"{stage}: finished with {used.batch_summary()} after OOM back-off")
+    progress.close()
     progress.update(100.0, f"{stage}: done ({result.steps} steps)")
     publish_stage_artifacts(result)
     logger.info(f"{stage}: done in {result.duration_s:.1f}s, output {result.final or result.out_dir}")

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import platform
 import re
@@ -49,6 +50,8 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 ProgressFn = Callable[[dict], None]  # called with {"stage", "step", "total", "metrics"...} as training goes
 
+logger = logging.getLogger("llama2_align")
+
 
 class StageResult(BaseModel):
     """What a stage returns and writes to result.json. Small: paths and numbers, never tensors."""
@@ -59,6 +62,7 @@ class StageResult(BaseModel):
     final: str | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     steps: int = 0
+    planned_steps: int | None = None  # the steps it set out to do; a result with fewer is not a complete stage
     duration_s: float = 0.0
     artifacts: dict[str, str] = Field(default_factory=dict)  # name -> path inside out_dir (plots, samples, tables)
     config: dict[str, Any] = Field(default_factory=dict)
@@ -89,6 +93,11 @@ class StageOutput:
     metrics: dict[str, Any]
     steps: int
     artifacts: dict[str, str] = field(default_factory=dict)
+    planned_steps: int | None = None  # when given, the stage is complete only if steps reached it
+
+
+class IncompleteStageError(RuntimeError):
+    """A stage body returned before doing every planned step: it is not marked complete."""
 
 
 class StageRun:
@@ -108,10 +117,36 @@ class StageRun:
         if self.progress is not None:
             self.progress({"stage": self.name, "step": step, "total": total, "metrics": metrics, **extra})
 
-    def resume(self) -> Path | None:
-        """The newest complete checkpoint to resume from, or None for a fresh start. Metrics logged past it are
-        dropped (a fresh start drops them all), so no step appears twice in metrics.jsonl."""
-        ckpt = latest_checkpoint(self.out_dir)
+    def warn(self, message: str) -> None:
+        """A warning the person running the stage must see (the task logs it; the console and the UI show it)."""
+        logger.warning(message)
+        if self.progress is not None:
+            self.progress({"stage": self.name, "warning": message})
+
+    def resume(self, expect: tuple[str, ...] = ()) -> Path | None:
+        """The newest sound checkpoint to resume from, or None for a fresh start.
+
+        A checkpoint is sound when every file in it opens (safetensors headers, ``.pt``/``.pth`` with
+        ``weights_only=True``, JSON) and the files named in ``expect`` (glob patterns) are there. A corrupt one
+        (truncated by a kill mid-save on a full disk, pieces missing, a pickle payload planted in it) is set aside as
+        ``corrupt-checkpoint-<step>`` with a warning that names it and the checkpoint used instead. Metrics logged past
+        the checkpoint are dropped (a fresh start drops them all), so no step appears twice in metrics.jsonl."""
+        ckpt, bad = None, []
+        for _, path in reversed(checkpoints(self.out_dir)):
+            problem = checkpoint_problem(path, expect)
+            if problem is None:
+                ckpt = path
+                break
+            bad.append((path, problem))
+        dist.barrier()  # every rank has judged the checkpoints before rank 0 moves the corrupt ones aside
+        for path, problem in bad:
+            instead = ckpt.name if ckpt else "a fresh start (no sound checkpoint left)"
+            self.warn(f"{self.name}: {path.name} is corrupt ({problem}); set aside as corrupt-{path.name}, "
+                      f"resuming from {instead}")
+            if dist.is_main():
+                shutil.rmtree(path.with_name(f"corrupt-{path.name}"), ignore_errors=True)
+                os.replace(path, path.with_name(f"corrupt-{path.name}"))
+        dist.barrier()
         if dist.is_main():
             if ckpt is None:
                 (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -121,6 +156,9 @@ class StageRun:
         return ckpt
 
     def finish(self, output: StageOutput) -> StageResult:
+        if output.planned_steps is not None and output.steps < output.planned_steps:
+            raise IncompleteStageError(f"{self.name}: stopped after {output.steps} of {output.planned_steps} planned "
+                                       "steps; not marked complete (rerun to resume)")
         dist.barrier()  # every rank has done its share before the stage is marked complete
         result = StageResult(
             stage=self.name,
@@ -128,6 +166,7 @@ class StageRun:
             final=str(output.final) if output.final is not None else None,
             metrics=output.metrics,
             steps=int(output.steps),
+            planned_steps=output.planned_steps,
             duration_s=round(self._timer.elapsed, 2),
             artifacts=output.artifacts,
             config=self.config.model_dump(),
@@ -174,11 +213,15 @@ def stage(name: str | Callable[[Any], str]):
 
 
 def load_result(out_dir: str | Path) -> StageResult | None:
-    """The stage's result if it completed (result.json exists), else None."""
+    """The stage's result if it completed (result.json exists and records every planned step), else None."""
     path = Path(out_dir) / RESULT_FILE
     if not path.exists():
         return None
-    return StageResult.model_validate_json(path.read_text())
+    result = StageResult.model_validate_json(path.read_text())
+    if result.planned_steps is not None and result.steps < result.planned_steps:
+        logger.warning(f"{path}: records {result.steps} of {result.planned_steps} planned steps: not complete")
+        return None
+    return result
 
 
 def write_result(result: StageResult) -> StageResult:
@@ -279,6 +322,33 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
         if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def checkpoint_problem(path: Path, expect: tuple[str, ...] = ()) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, or None when it is sound (see ``StageRun.resume``)."""
+    for pattern in expect:
+        if not any(path.glob(pattern)):
+            return f"{pattern} is missing"
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path)
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(f, "pt"):
+                    pass
+            elif f.suffix in (".pt", ".pth"):
+                # exactly what transformers' resume accepts: tensors, plain containers and numpy arrays (its RNG
+                # state), no other object, so a planted pickle payload fails here instead of running
+                from transformers.trainer_pt_utils import safe_globals
+
+                with safe_globals():
+                    torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as exc:  # any way a file fails to open makes the checkpoint unusable
+            return f"{rel}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import EvalRecord, read_records
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
 from ..model import build_model, freeze
@@ -86,18 +86,20 @@ class RefusalRules:
 def judge_answers(records: list[EvalRecord], answers: list[str], rm_h: torch.Tensor, rm_s: torch.Tensor,
                   config: EvalConfig, finished: list[bool] | None = None) -> list[dict]:
     """One judgement per answer: refusal, violation, correct (None when nothing can say), malformed, and both RM
-    scores. ``finished[i]``: whether answer i ended with EOS (default: all did)."""
+    scores. ``finished[i]``: whether answer i ended with EOS (default: all did). The demo world's oracle judges a
+    record that carries its oracle data (``demo_world.has_oracle``); the refusal rules and the safety RM judge the
+    rest (:func:`judge_kind` says which judge a data set gets; the pre-flight refuses a mix)."""
     rules = RefusalRules(config.refusal_rules)
     if finished is None:
         finished = [True] * len(answers)
     if len(finished) != len(answers):
         raise ValueError(f"judge_answers: {len(answers)} answers but {len(finished)} finished flags")
-    oracle_judge = None
-    if config.use_oracle and any(r.oracle for r in records):
-        from ..demo_world import judge as oracle_judge  # the demo world's oracle; never seen by any RM
+    from ..demo_world import has_oracle
+    from ..demo_world import judge as oracle_judge  # the demo world's oracle; never seen by any RM
+
     out = []
     for rec, ans, done, h, s in zip(records, answers, finished, rm_h.tolist(), rm_s.tolist()):
-        if oracle_judge is not None and rec.oracle:
+        if config.use_oracle and has_oracle(rec.model_dump()):
             j = oracle_judge(rec.model_dump(), ans, finished=bool(done))
             refusal, violation, correct, malformed, judge = j.refusal, j.violation, j.correct, j.malformed, "oracle"
         else:
@@ -110,6 +112,23 @@ def judge_answers(records: list[EvalRecord], answers: list[str], rm_h: torch.Ten
                     "malformed": bool(malformed), "finished": bool(done), "rm_helpfulness": h, "rm_safety": s,
                     "judge": judge})
     return out
+
+
+def judge_kind(records: list[EvalRecord], config: EvalConfig) -> str:
+    """``"oracle"`` when every record carries the demo world's oracle data (and the config allows it), ``"rules"``
+    when none does; a mix is refused (its metrics would mix two judges)."""
+    from ..demo_world import has_oracle
+
+    with_oracle = [r.id for r in records if has_oracle(r.model_dump())]
+    if not config.use_oracle or not with_oracle:
+        return "rules"
+    if len(with_oracle) == len(records):
+        return "oracle"
+    without = [r.id for r in records if not has_oracle(r.model_dump())]
+    raise InputError(f"{len(with_oracle)} of {len(records)} eval records carry the demo world's oracle data and "
+                     f"{len(without)} do not (e.g. {without[0]!r}): one judge must judge them all. Remove the oracle "
+                     "fields to judge by the refusal rules and the reward models, or give every record demo-world "
+                     "oracle data (`oracle: {family, expected}`), or set eval.use_oracle=false")
 
 
 def _rate(values: list[bool]) -> float | None:
@@ -250,6 +269,7 @@ def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutp
     records: list[EvalRecord] = read_records(inputs.prompts, "eval")
     if config.max_prompts:
         records = records[: config.max_prompts]
+    judge_kind(records, config)  # one judge for all of them, or refused before any generation
     expanded = [r for r in records for _ in range(config.samples_per_prompt)]
     prompts = [r.prompt for r in expanded]
     rm_h = RewardScorer(inputs.reward_helpfulness, dtype=config.dtype, batch_size=config.batch_size)
@@ -293,7 +313,7 @@ def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutp
         "violation": "demo-world oracle" if oracle else f"not a refusal and sigmoid(safety RM) < "
                                                         f"{config.violation_threshold}",
     }
-    return StageOutput(final=None, steps=len(names),
+    return StageOutput(final=None, steps=len(metrics), planned_steps=len(names),
                        metrics={"checkpoints": metrics, "baseline": inputs.baseline, "rules": rules_note,
                                 "generation": settings.model_dump()},
                        artifacts={"side_by_side": "side_by_side.json", "answers": "answers.json"})

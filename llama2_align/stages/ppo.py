@@ -225,7 +225,8 @@ def setup(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> PPOState:
                           "processes")
     prompts = read_records(inputs.prompts, "prompts")
     tokenizer = load_tokenizer(inputs.policy)
-    resume = run.resume()
+    resume = run.resume(expect=("policy/*.json", f"{VALUE_DIR}/*.json", *(
+        f"{name}-rank{r}.{ext}" for r in range(world) for name, ext in (("state", "pt"), ("loop", "json")))))
     value_init = inputs.reward_helpfulness if config.value_init == "helpfulness" else inputs.reward_safety
     # A fresh start merges an adapter checkpoint first (continue_adapter=False), so new LoRA adapters sit on the
     # exact SFT policy and "adapters off" is the reference, with no second copy; a resume continues its adapters.
@@ -567,7 +568,8 @@ def finish(s: PPOState, metrics: dict, config: PPOConfig, run: StageRun) -> Stag
         first = logs[: max(1, min(3, len(logs)))]
         final_metrics["reward_combined_first"] = sum(r["reward_combined"] for r in first) / len(first)
         final_metrics["iterations"] = config.iterations
-    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=final_metrics, steps=config.iterations,
+    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=final_metrics,
+                       steps=metrics.get("iteration", s.start_iteration), planned_steps=config.iterations,
                        artifacts=artifacts)
 
 

@@ -203,7 +203,8 @@ def run_rejection_sampling(config: RejectionSamplingConfig, inputs: RSInputs, ru
     if dist.is_main():
         _link_tree(Path(sft_result.final), run.out_dir / FINAL_DIR)
         artifacts = _write_artifacts(config, doc, kept, sft_result, run.out_dir)
-    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=sft_result.steps, artifacts=artifacts)
+    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=sft_result.steps,
+                       planned_steps=sft_result.planned_steps, artifacts=artifacts)
 
 
 def _write_artifacts(config: RejectionSamplingConfig, doc: dict, kept: list[dict], sft_result, out_dir: Path

@@ -64,8 +64,14 @@ class RewardInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sft_model: str  # the SFT checkpoint (its tokenizer is used)
-    data: str  # preference pairs of both categories
+    data: str | list[str]  # preference pairs of both categories, in one file or several
     data_format: Literal["auto", "native", "hh-rlhf", "pku-saferlhf"] = "auto"
+
+
+def read_preferences(paths: str | list[str], data_format: str = "auto") -> list[PreferenceRecord]:
+    """The preference pairs of one file or of several, in order (each file's format detected on its own)."""
+    return [r for path in ([paths] if isinstance(paths, str) else paths)
+            for r in read_records(path, "preference", format=data_format)]
 
 
 def margin_for(rating: str, table: str) -> float:
@@ -210,7 +216,7 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    records = read_records(inputs.data, "preference", format=inputs.data_format)
+    records = read_preferences(inputs.data, inputs.data_format)
     if config.kind not in {r.category for r in records}:
         raise InputError(f"{inputs.data}: no {config.kind} pairs: the {config.kind} reward model has nothing to learn")
     tokenizer = load_tokenizer(inputs.sft_model)
@@ -246,7 +252,7 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
                        trainable_params=trained, total_params=total, **logged_losses(run.out_dir))
         artifacts = _write_artifacts(config, metrics, run.out_dir)
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=trainer.state.global_step,
-                       artifacts=artifacts)
+                       planned_steps=trainer.state.max_steps, artifacts=artifacts)
 
 
 def _write_artifacts(config: RewardConfig, metrics: dict, out_dir: Path) -> dict[str, str]:

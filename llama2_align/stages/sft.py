@@ -105,7 +105,7 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
                    base=base_path if is_peft(trainer.model) else None)
         artifacts = _write_artifacts(config, trainer.model, tokenizer, val_recs, run.out_dir)
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=trainer.state.global_step,
-                       artifacts=artifacts)
+                       planned_steps=trainer.state.max_steps, artifacts=artifacts)
 
 
 def _base_on_disk(config: SFTConfig, inputs: SFTInputs, tokenizer, out_dir: Path) -> str:

@@ -199,8 +199,12 @@ def make_trainer(base, config: TrainStageConfig, run: StageRun, **kwargs):
     return trainer
 
 
+# What a Trainer checkpoint needs to resume: its state, the optimizer, and the weights (full or an adapter)
+TRAINER_CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "*.safetensors")
+
+
 def train(trainer, run: StageRun) -> None:
     """Train to the end, resuming from the stage's newest complete checkpoint (optimizer, scheduler, RNG and data
     position come back with it)."""
-    resume = run.resume()
+    resume = run.resume(expect=TRAINER_CHECKPOINT_FILES)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

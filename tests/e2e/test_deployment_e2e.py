@@ -4,7 +4,8 @@ A `prefect server start` subprocess (own PREFECT_HOME and SQLite database), the 
 the `gpu` tag concurrency limit, `prefect deploy --all --prefect-file deployments/prefect.yaml`, a `prefect worker
 start` subprocess; then the `rlhf-pipeline` deployment's form schema is checked, a flow run is created from it with
 the demo-micro preset, and its task runs, artifacts and report.json are read back; then `rlhf-eval`
-(flows/evaluate.py) runs on the checkpoints it wrote. Every process started here is
+(flows/evaluate.py) runs on the checkpoints it wrote; then four pipeline runs are submitted at once (load: the
+`gpu` limit serialises their heavy stages, and no run touches another's files). Every process started here is
 stopped by its pid (SIGINT, then SIGKILL) whatever happens.
 """
 
@@ -109,17 +110,17 @@ def _resolve(schema: dict, node: dict) -> dict:
     return node
 
 
-async def _run_to_end(client, deployment_id, parameters: dict, logs: dict[str, Path]):
+async def _run_to_end(client, deployment_id, parameters: dict, logs: dict[str, Path], timeout_s: float = RUN_TIMEOUT_S):
     """What the UI's Run button does: a flow run from the deployment, picked up by the worker; wait for its end."""
     run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while True:
         run = await client.read_flow_run(run.id)
         if run.state and run.state.is_final():
             return run
         if time.monotonic() > deadline:
             raise AssertionError(f"flow run still {run.state.name if run.state else None} after "
-                                 f"{RUN_TIMEOUT_S}s; worker log:\n{logs['worker'].read_text()[-6000:]}")
+                                 f"{timeout_s}s; worker log:\n{logs['worker'].read_text()[-6000:]}")
         await asyncio.sleep(2)
 
 
@@ -143,6 +144,7 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
         schema = dep.parameter_openapi_schema
         config = _resolve(schema, schema["properties"]["config"])
         fields = config["properties"]
+        assert config.get("additionalProperties") is False  # the form refuses unknown fields
         assert {"preset", "run_name", "runs_root", "overrides", "base_model", "data"} <= set(fields), fields.keys()
         preset = _resolve(schema, fields["preset"])
         assert {"demo-tiny", "demo-micro", "llama2-7b-lora"} <= set(preset["enum"]), preset
@@ -183,6 +185,43 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
         assert run.state.is_completed(), f"rlhf-eval ended {run.state.name}: {run.state.message}"
         assert (run_dir / "eval-alone" / "result.json").is_file()
 
+        await _load(client, dep, runs_root / "load", logs)
+
+
+LOAD_RUNS = 4
+
+
+async def _load(client, dep, runs_root: Path, logs: dict[str, Path]) -> None:
+    """Four pipeline runs submitted at once (the worker takes them all) with the `gpu` limit at 1: all finish, no
+    two GPU-tagged stages overlap in time, and no run touches another's files (each run's files were all written
+    while that run was running, inside its own run directory)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    t0 = time.monotonic()
+    params = [{"config": {"preset": "demo-micro", "runs_root": str(runs_root), "run_name": f"load-{i}"}}
+              for i in range(LOAD_RUNS)]
+    runs = await asyncio.gather(*(_run_to_end(client, dep.id, p, logs, timeout_s=900) for p in params))
+    print(f"[e2e] {LOAD_RUNS} concurrent runs done after {time.monotonic() - t0:.0f}s")
+    for run in runs:
+        assert run.state.is_completed(), (f"{run.name} ended {run.state.name}: {run.state.message}\n"
+                                          f"worker log:\n{logs['worker'].read_text()[-6000:]}")
+    these_runs = FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
+    task_runs = await client.read_task_runs(flow_run_filter=these_runs)
+    gpu = sorted(((t.start_time, t.end_time, t.name, t.flow_run_id) for t in task_runs if "gpu" in t.tags),
+                 key=lambda x: x[0])
+    assert len(gpu) == LOAD_RUNS * 5, [(n, str(f)) for _, _, n, f in gpu]
+    for (_, end, name, _), (start, _, nxt, _) in zip(gpu, gpu[1:]):
+        assert start >= end, f"GPU-tagged stages overlap: {name} ended {end}, {nxt} started {start}"
+    assert sorted(p.name for p in runs_root.iterdir()) == [f"load-{i}" for i in range(LOAD_RUNS)]
+    for run, p in zip(runs, params):
+        run_dir = runs_root / p["config"]["run_name"]
+        start, end = run.start_time.timestamp() - 1, run.end_time.timestamp() + 1
+        for f in (f for f in run_dir.rglob("*") if f.is_file()):
+            assert start <= f.stat().st_mtime <= end, f"{f} was written outside its run's time"
+        report = json.loads((run_dir / "report.json").read_text())
+        for name, stage in report["stages"].items():
+            assert Path(stage["output"]).resolve().is_relative_to(run_dir.resolve()), (name, stage["output"])
+
 
 def test_pipeline_deployment_runs_through_server_and_worker(tmp_path: Path) -> None:
     t0 = time.monotonic()
@@ -203,7 +242,8 @@ def test_pipeline_deployment_runs_through_server_and_worker(tmp_path: Path) -> N
         _cli(["--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
         print(f"[e2e] deployed after {time.monotonic() - t0:.0f}s")
 
-        worker = _start(["worker", "start", "--pool", POOL, "--limit", "1"], env, logs["worker"])
+        # up to 4 flow runs at once: the `gpu` tag limit (1 slot), not the worker, serialises the heavy stages
+        worker = _start(["worker", "start", "--pool", POOL, "--limit", str(LOAD_RUNS)], env, logs["worker"])
         procs.append(worker)
 
         asyncio.run(_exercise(api_url, tmp_path / "runs", logs))

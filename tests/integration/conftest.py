@@ -4,10 +4,13 @@ evaluation, pipeline). Tests that train further write into their own tmp directo
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import _env
 
 from llama2_align.pipeline import preset_config
 
@@ -71,3 +74,12 @@ def rm_dirs(tmp_path_factory, demo_world_dir, sft_dir) -> dict[str, Path]:
                    d)
         out[kind] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory) -> Path:
+    """A PREFECT_HOME with a migrated database (migrating is a one-off 10-20 s, as on a user's first run)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=_env(home),
+                   check=True, capture_output=True, timeout=300)
+    return home

@@ -4,7 +4,6 @@ database, and no server process outlives the run."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import sys
@@ -13,41 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import _env, _servers_of
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _servers_of(home: Path) -> list[int]:
-    """PIDs of Prefect API server processes whose PREFECT_HOME is ``home``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes()
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if b"prefect.server.api.server:create_app" in cmd and f"PREFECT_HOME={home}".encode() in env.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    """A PREFECT_HOME with a migrated database (migrating is a one-off 10-20 s, as on a user's first run)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=_env(home),
-                   check=True, capture_output=True, timeout=300)
-    return home
-
-
-def _env(home: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PYTHONPATH=str(ROOT), **extra)
-    return env
 
 
 SCRIPT = textwrap.dedent("""
@@ -122,7 +91,8 @@ def test_cli_run_records_the_pipeline_and_its_logs(home, tmp_path):
     assert _servers_of(home) == []
     with sqlite3.connect(home / "prefect.db") as db:
         (run_id, state), = db.execute("select id, state_type from flow_run where flow_id in "
-                                      "(select id from flow where name = 'rlhf-pipeline')").fetchall()
+                                      "(select id from flow where name = 'rlhf-pipeline') and parameters like ?",
+                                      (f"%{tmp_path}%",)).fetchall()  # the home is shared with other tests
         tasks = db.execute("select name, state_type from task_run where flow_run_id = ?", (run_id,)).fetchall()
         logs = [m for (m,) in db.execute("select message from log where flow_run_id = ?", (run_id,))]
     assert state == "COMPLETED"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,19 +60,70 @@ def test_pipeline_names_the_failing_stage(prefect_server, tmp_path):
     from flows.pipeline import rlhf_pipeline
     from llama2_align.pipeline import PipelineConfig
 
-    bad = tmp_path / "bad_sft.jsonl"
-    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')  # ends with a user turn: refused
-    good = tmp_path / "x.jsonl"
-    good.write_text("")
     cfg = PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="bad",
-                         data={"source": "files", "sft": str(bad), "preferences": str(good), "prompts": str(good),
-                               "eval": str(good), "tokenizer": str(tmp_path)})
+                         overrides={**QUICK, "ppo.learning_rate": 1e30})  # PPO diverges: NaN at run time
     state = rlhf_pipeline(config=cfg, return_state=True)
     assert state.is_failed()
-    assert "stage 'sft' failed" in state.message
+    assert "stage 'ppo' failed" in state.message and "NaN" in state.message
     report = json.loads((tmp_path / "bad" / "report.json").read_text())
-    assert report["stages"]["sft"]["status"] == "failed"
-    assert "ppo" not in report["stages"]
+    assert report["stages"]["ppo"]["status"] == "failed" and report["stages"]["sft"]["status"] == "completed"
+    assert "eval" not in report["stages"]
+
+
+SPECS = Path(__file__).resolve().parents[2] / "data_specs"
+# demo-micro cut to a few steps per stage: these tests are about the wiring, not the learning
+QUICK = {"sft.max_steps": 4, "sft.eval_steps": 2, "sft.save_steps": 2, "reward_helpfulness.max_steps": 2,
+         "reward_safety.max_steps": 2, "ppo.iterations": 2, "eval.max_new_tokens": 8}
+
+
+def test_your_own_files_run_end_to_end_on_a_demo_preset(prefect_server, tmp_path, tokenizer_dir):
+    """data_specs/'s native samples with a demo preset: the eval records carry no demo-world oracle, so the refusal
+    rules and the reward models judge."""
+    from flows.pipeline import rlhf_pipeline
+    from llama2_align.pipeline import PipelineConfig
+
+    data = {"source": "files", "sft": str(SPECS / "sft.sample.jsonl"),
+            "preferences": str(SPECS / "preference.sample.jsonl"), "prompts": str(SPECS / "prompts.sample.jsonl"),
+            "eval": str(SPECS / "eval.sample.jsonl"), "tokenizer": str(tokenizer_dir)}
+    cfg = PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="byo", data=data, overrides=QUICK)
+    state = rlhf_pipeline(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    report = json.loads((tmp_path / "byo" / "report.json").read_text())
+    assert report["eval_rules"]["refusal"].startswith("refusal rules")
+    assert report["eval"]["ppo"]["violation_rate"] is not None and "demo_bar" not in report
+
+
+def test_your_own_files_run_end_to_end_on_a_llama2_preset(prefect_server, tmp_path, tokenizer_dir):
+    """A llama2-* preset (LoRA, the paper's recipe) pointed at a small local HF checkpoint, with HH-RLHF's and
+    PKU-SafeRLHF's own formats as the preference data."""
+    from flows.pipeline import rlhf_pipeline
+    from llama2_align.model import build_model, save_model
+    from llama2_align.pipeline import PipelineConfig
+    from llama2_align.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    base = save_model(build_model("micro", "policy", vocab_size=len(tok), device="cpu", dtype="fp32"),
+                      tmp_path / "llama-2-micro-hf", tok, role="policy")
+    data = {"source": "files", "sft": str(SPECS / "sft.sample.jsonl"),
+            "preferences": [str(SPECS / "hh_rlhf.sample.jsonl"), str(SPECS / "pku_saferlhf.sample.jsonl")],
+            "prompts": str(SPECS / "prompts.sample.jsonl"), "eval": str(SPECS / "eval.sample.jsonl")}
+    small = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "max_length": 256}
+    overrides = {**{f"sft.{k}": v for k, v in small.items()},
+                 **{f"reward_{kind}.{k}": v for kind in ("helpfulness", "safety") for k, v in small.items()},
+                 **{f"ppo.{k}": v for k, v in {"iterations": 2, "prompts_per_iteration": 4, "mini_batch_size": 4,
+                                                "micro_batch_size": 4, "max_new_tokens": 8,
+                                                "generation_batch_size": 4, "score_batch_size": 4}.items()},
+                 "eval.max_new_tokens": 8, "eval.batch_size": 8}
+    cfg = PipelineConfig(preset="llama2-7b-lora", base_model=str(base), runs_root=str(tmp_path), run_name="byo7b",
+                         data=data, overrides=overrides)
+    state = rlhf_pipeline(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    run = tmp_path / "byo7b"
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["eval"]) == {"sft", "ppo"}
+    assert (run / "sft" / "final" / "adapter_config.json").exists()  # the preset's LoRA
+    rm = json.loads((run / "reward-safety" / "result.json").read_text())
+    assert rm["metrics"]["train_pairs_by_category"]["safety"] > 0
 
 
 def test_pipeline_with_rejection_sampling(prefect_server, tmp_path):

@@ -217,3 +217,43 @@ def test_lora_policy_saves_a_loadable_adapter(tmp_path, ppo_inputs):
     assert [r["iteration"] for r in rows] == [1, 2]
     assert abs(rows[0]["kl_ref"]) < 1e-3  # adapters start at zero: the policy IS the reference at first
     assert result.metrics["iterations"] == 2
+
+
+class _Payload:
+    """A pickle that runs code when it is unpickled: it writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_poisoned_or_corrupt_checkpoint_is_never_loaded(tmp_path, ppo_inputs):
+    """A pickle payload planted in the newest PPO checkpoint does not run on resume: the checkpoint is set aside
+    with a warning and the one before it is used; a truncated one the same. No pickle is ever unpickled."""
+    import pickle
+
+    cfg = _config(iterations=4, save_every=1, keep_checkpoints=3, prompts_per_iteration=16, mini_batch_size=16,
+                  micro_batch_size=16, max_new_tokens=8, num_samples=0)
+    out = tmp_path / "ppo_poisoned"
+    run_ppo(cfg, ppo_inputs, out)
+    assert [s for s, _ in checkpoints(out)] == [1, 2, 3]
+    for name in ("result.json", "final", "value"):  # as if the run had been killed after its third checkpoint
+        target = out / name
+        target.unlink() if target.is_file() else __import__("shutil").rmtree(target)
+    marker = tmp_path / "payload-ran"
+    with open(out / "checkpoint-3" / "state-rank0.pt", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    weights = next((out / "checkpoint-2" / "policy").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+
+    seen = []
+    result = run_ppo(cfg, ppo_inputs, out, progress=seen.append)
+    assert not marker.exists(), "the planted pickle payload ran"
+    warnings = [e["warning"] for e in seen if "warning" in e]
+    assert any("checkpoint-3 is corrupt" in w and "state-rank0.pt" in w and "checkpoint-1" in w for w in warnings)
+    assert any("checkpoint-2 is corrupt" in w and "safetensors" in w for w in warnings), warnings
+    assert (out / "corrupt-checkpoint-3").is_dir() and (out / "corrupt-checkpoint-2").is_dir()
+    assert result.provenance["resumed_from"].endswith("checkpoint-1") and result.steps == 4
+    assert [e["step"] for e in seen if "warning" not in e][0] == 2  # resumed right after checkpoint-1

@@ -1,0 +1,143 @@
+"""The pre-flight: everything about a pipeline run that can be checked before any stage runs, in one place.
+
+The command line (``llama2-align run``), the ``rlhf-pipeline`` flow (so also a deployment started from the Prefect
+UI) and the other flows built on the pipeline call :func:`preflight` first. It writes nothing: a refused run leaves
+no run directory behind. What it checks:
+
+- the whole config: unknown fields at every level and bad values (``pipeline.resolve``; config files, ``--set`` and
+  the Prefect form all arrive as a ``PipelineConfig``, which refuses unknown fields);
+- where the run writes: the run name, and the run directory inside the runs root;
+- every input path: the base checkpoint (a preset or a model directory of a known kind), the tokenizer, the data
+  files (each exists and is a file);
+- every data file against its contract (``data.read_records``: every bad record as ``file:line: field: ...``), the
+  preference data holding pairs of both categories, and one judge for the eval records (``evaluate.judge_kind``);
+- settings that cannot work together (PPO prompts that do not divide among its processes).
+
+Problems are collected, not stopped at the first, and raised as one error: a :class:`ConfigError` when any of them
+is about the config itself (the command line exits 2), else an :class:`InputError` (exit 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import DataValidationError, read_records
+from .errors import ConfigError, InputError
+from .model import is_preset, source_kind
+from .pipeline import PipelineConfig, ResolvedPipeline, resolve
+
+MAX_SHOWN_ISSUES = 20  # bad records listed per data file (the count says how many more)
+
+DATA_KINDS = {"sft": "sft", "preferences": "preference", "prompts": "prompts", "eval": "eval"}
+
+
+class Problems:
+    """The problems found, each a usage problem (the config) or an input problem (files, data)."""
+
+    def __init__(self):
+        self.usage: list[str] = []
+        self.inputs: list[str] = []
+
+    def raise_if_any(self) -> None:
+        if not (self.usage or self.inputs):
+            return
+        lines = self.usage + self.inputs
+        head = "the run was refused before any stage ran" + (f" ({len(lines)} problems)" if len(lines) > 1 else "")
+        raise (ConfigError if self.usage else InputError)(head + ":\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def preflight(config: PipelineConfig) -> ResolvedPipeline:
+    """The resolved pipeline, once everything that can be checked before a run holds; raises otherwise."""
+    cfg = resolve(config)  # unknown fields and bad values: refused here already, with the field named
+    problems = Problems()
+    check_run_location(config, cfg, problems)
+    check_model_inputs(cfg, problems)
+    if cfg.data.source == "files":
+        check_data_files(cfg, problems)
+    elif any(getattr(cfg.data, field) for field in DATA_KINDS):
+        given = ", ".join(f"data.{f}" for f in DATA_KINDS if getattr(cfg.data, f))
+        problems.usage.append(f"{given} given but data.source is 'demo': set data.source=files to use your files")
+    check_stage_settings(cfg, problems)
+    problems.raise_if_any()
+    return cfg
+
+
+def check_run_location(config: PipelineConfig, cfg: ResolvedPipeline, problems: Problems) -> None:
+    """The run directory is a directory strictly inside the runs root (no '..', no symlink out of it)."""
+    root, run_dir = Path(config.runs_root), Path(cfg.run_dir)
+    if root.exists() and not root.is_dir():
+        problems.inputs.append(f"runs_root {str(root)!r} exists and is not a directory")
+        return
+    inside = run_dir.resolve().is_relative_to(root.resolve()) and run_dir.resolve() != root.resolve()
+    if not inside:
+        problems.usage.append(f"run_name {config.run_name!r}: the run directory {str(run_dir)!r} resolves to "
+                              f"{str(run_dir.resolve())!r}, outside the runs root {str(root.resolve())!r}")
+    elif run_dir.exists() and not run_dir.is_dir():
+        problems.inputs.append(f"run directory {str(run_dir)!r} exists and is not a directory")
+
+
+def check_model_inputs(cfg: ResolvedPipeline, problems: Problems) -> None:
+    """The base checkpoint is a preset or a model directory; the tokenizer can be found."""
+    try:
+        source_kind(cfg.base_model)
+    except InputError as err:
+        problems.inputs.append(f"base_model: {err}")
+    if cfg.data.source != "files":
+        return  # the demo world's tokenizer is trained in the run
+    tokenizer = cfg.data.tokenizer or cfg.base_model
+    if is_preset(tokenizer):
+        problems.usage.append(f"data.tokenizer: base_model {cfg.base_model!r} is a preset (random weights, no "
+                              "tokenizer): with data.source=files set data.tokenizer to a tokenizer directory or "
+                              "tokenizer.model file")
+        return
+    path = Path(tokenizer)
+    found = (path.is_file() and path.suffix == ".model") or \
+        (path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")))
+    if not found:
+        what = "data.tokenizer" if cfg.data.tokenizer else "base_model (its tokenizer)"
+        problems.inputs.append(f"{what}: {tokenizer!r}: no tokenizer.json or tokenizer.model there")
+
+
+def check_data_files(cfg: ResolvedPipeline, problems: Problems) -> None:
+    """Every data file exists and holds valid records of its kind; both reward models have pairs; one eval judge."""
+    for field, kind in DATA_KINDS.items():
+        paths = getattr(cfg.data, field)
+        if not paths:
+            continue  # resolve() already refused a missing one
+        records = []
+        for path in [paths] if isinstance(paths, str) else paths:
+            records += _read_checked(field, path, kind, problems)
+        if kind == "preference" and records:
+            categories = {r.category for r in records}
+            for needed in ("helpfulness", "safety"):
+                if needed not in categories:
+                    problems.inputs.append(f"data.preferences: {paths}: no {needed} pairs: the {needed} reward "
+                                           "model would have nothing to learn")
+        if kind == "eval" and records:
+            from .stages.evaluate import judge_kind
+
+            try:
+                judge_kind(records, cfg.eval)
+            except InputError as err:
+                problems.inputs.append(f"data.eval: {paths}: {err}")
+
+
+def _read_checked(field: str, path: str, kind: str, problems: Problems) -> list:
+    """The records of one data file, or [] with its problems recorded."""
+    try:
+        return read_records(path, kind)
+    except DataValidationError as err:
+        shown = [str(i) for i in err.issues[:MAX_SHOWN_ISSUES]]
+        more = len(err.issues) - len(shown)
+        problems.inputs.append(f"data.{field}: {path}: {len(err.issues)} problems; nothing was loaded:\n    " +
+                               "\n    ".join(shown) + (f"\n    ... and {more} more" if more else ""))
+    except InputError as err:
+        problems.inputs.append(f"data.{field}: {err}")
+    return []
+
+
+def check_stage_settings(cfg: ResolvedPipeline, problems: Problems) -> None:
+    """Settings of one stage that only fail when it runs."""
+    if cfg.ppo.prompts_per_iteration % cfg.ppo.num_processes:
+        problems.usage.append(f"ppo.prompts_per_iteration ({cfg.ppo.prompts_per_iteration}) must divide among "
+                              f"ppo.num_processes ({cfg.ppo.num_processes})")
