@@ -17,11 +17,21 @@ WORK_POOL ?= llama2-gpu
 
 .PHONY: install demo test test-quick server worker deploy clean
 
+# The extras installed with the project. `llamacpp` (llama-cpp-python, for the test that runs GGUF exports in
+# llama.cpp) has no Linux wheel on PyPI, so pip compiles llama.cpp: once per machine, as pip keeps the built wheel in
+# its cache. LLAMA_CPP_CMAKE_ARGS keep that build to the libraries the binding loads: portable CPU code (no
+# -march=native, so a cached wheel runs on any x86-64 with AVX2), no multimodal library, tools, examples, tests or
+# server. `make install EXTRAS=dev` leaves llama.cpp out (its test is then skipped).
+EXTRAS ?= dev,llamacpp
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev]"
+	@echo "pip install -e .[$(EXTRAS)]: a first install on a machine compiles llama.cpp (llama-cpp-python), minutes"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
