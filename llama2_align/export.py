@@ -114,9 +114,9 @@ def _load(checkpoint: Path, chain: list[Path], device: str):
 
 
 def _check_out(out: Path, overwrite: bool, is_file: bool) -> None:
+    if is_file and out.is_dir():
+        raise ExportError(f"{out}: is a directory; a GGUF export writes one file (e.g. model-f16.gguf)")
     if not out.exists() or overwrite:
-        if out.exists() and is_file and out.is_dir():
-            raise ExportError(f"{out}: is a directory; a GGUF export writes one file (e.g. model-f16.gguf)")
         return
     if is_file:
         raise ExportError(f"{out}: exists; pass overwrite=True (--overwrite) to replace it")

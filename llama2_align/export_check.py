@@ -26,8 +26,8 @@ def _llama_cpp():
     try:
         import llama_cpp
     except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError("llama_cpp is not installed: pip install -e '.[llamacpp]' (builds llama.cpp from source; "
-                          "see the README's Export section)") from err
+        raise ImportError("llama_cpp is not installed: `make install-llamacpp`, or pip install -e '.[llamacpp]' "
+                          "(it builds llama.cpp from source; see the README's Export section)") from err
     return llama_cpp
 
 

@@ -15,8 +15,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed: `make install` builds it (extra `llamacpp`); "
-                        "see the README's Export section")
+    "llama_cpp", reason="llama-cpp-python is not installed: `make install-llamacpp` (or `make test`) builds it "
+                        "(extra `llamacpp`); see the README's Export section")
 
 from llama2_align.chat import encode_prompt, render_text  # noqa: E402
 from llama2_align.export import export_checkpoint  # noqa: E402

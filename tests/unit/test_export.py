@@ -234,7 +234,8 @@ def test_gguf_tensors_have_llamacpp_names_and_layout(gguf_files, policy_dir):
     def hf_shape(t):
         return tuple(reversed([int(n) for n in t.shape]))
 
-    q_hf, k_hf = hf["model.layers.1.self_attn.q_proj.weight"].numpy(), hf["model.layers.1.self_attn.k_proj.weight"].numpy()
+    q_hf = hf["model.layers.1.self_attn.q_proj.weight"].numpy()
+    k_hf = hf["model.layers.1.self_attn.k_proj.weight"].numpy()
     assert np.allclose(read(f16["blk.1.attn_q.weight"]), permute_for_gguf(q_hf, 4, 4), atol=1e-3)
     assert np.allclose(read(f16["blk.1.attn_k.weight"]), permute_for_gguf(k_hf, 4, 2), atol=1e-3)
     assert not np.allclose(read(f16["blk.1.attn_k.weight"]), k_hf, atol=1e-3)
