@@ -15,7 +15,7 @@ export PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL ?= WARNING
 PREFECT_PORT ?= 4200
 WORK_POOL ?= llama2-gpu
 
-.PHONY: install demo test test-quick lint server worker deploy clean
+.PHONY: install install-llamacpp demo test test-quick lint server worker deploy clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+# llama-cpp-python (extra `llamacpp`), for the test that runs GGUF exports in llama.cpp: `make test` installs it,
+# `make demo` does not need it. PyPI has no Linux wheel, so pip compiles llama.cpp, once per machine: pip keeps the
+# built wheel in its cache. LLAMA_CPP_CMAKE_ARGS keep that build to the libraries the binding loads: portable CPU
+# code (no -march=native, so a cached wheel runs on any x86-64 with AVX2), no multimodal library, tools, examples,
+# tests or server.
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+$(VENV)/.installed-llamacpp: $(VENV)/.installed
+	@echo "installing llama-cpp-python: the first time on a machine it compiles llama.cpp (about 7 minutes on 2 cores)"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q -e ".[dev,llamacpp]"
+	touch $@
+
 install: $(VENV)/.installed
+
+install-llamacpp: $(VENV)/.installed-llamacpp
 
 demo: install
 	$(PY) -m flows.cli run --preset demo-tiny
 
-test: install lint
+test: install-llamacpp lint
 	$(PY) -m pytest -q
 
 test-quick: install lint

@@ -41,6 +41,10 @@ LLAMA2_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+# The same template in plain Jinja, without transformers' {% generation %} extension, for consumers that render it
+# with their own Jinja (llama.cpp and llama-cpp-python read it from a GGUF); it renders the same text.
+LLAMA2_CHAT_TEMPLATE_PLAIN = LLAMA2_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
 
 class ChatFormatError(InputError):
     pass

@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; "
-    "1 an input was missing or refused (bad data records, not a Meta checkpoint, ...); "
+    "1 an input was missing or refused (bad data records, not a Meta checkpoint, a non-empty output, ...); "
     "2 usage error (unknown option, preset, kind or format)."
 )
 
@@ -35,6 +35,9 @@ PIPELINE_PANEL = "Pipeline"
 KindName = Literal[data_lib.KINDS]  # sft, preference, prompts, eval
 FormatName = Literal[data_lib.FORMATS]  # auto, native, hh-rlhf, pku-saferlhf
 ConvertDtype = Literal["fp32", "bf16", "fp16"]
+ExportFormatName = Literal["hf", "gguf"]
+GgufTypeName = Literal["f16", "q8_0"]
+ExportDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 app = typer.Typer(
     name="llama2-align",
@@ -220,6 +223,67 @@ def convert(
         fail(f"cannot convert {meta_dir}: {err}")
     except RuntimeError as err:  # weights that do not match params.json (load_state_dict)
         fail(f"cannot convert {meta_dir}: the weights do not match params.json: {err}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------------------------
+
+
+@app.command("export", rich_help_panel=MODEL_PANEL, epilog=EXIT_CODES_HELP)
+def export(
+    checkpoint: Annotated[Path, typer.Argument(
+        help="Policy checkpoint: an HF directory, a saved LoRA adapter (merged into its base) or a Meta-format "
+             "directory, e.g. runs/demo/ppo/final.", metavar="CHECKPOINT", show_default=False)],
+    out: Annotated[Path, typer.Argument(
+        help="hf: the directory to write; gguf: the .gguf file to write.", metavar="OUT", show_default=False)],
+    format: Annotated[ExportFormatName, typer.Option(
+        "--format", "-f", help="hf: one plain HF directory; gguf: one file for llama.cpp.")] = "hf",
+    gguf_type: Annotated[GgufTypeName, typer.Option(
+        "--gguf-type", help="GGUF weight type: f16, or q8_0 (8-bit blocks of 32; norms stay f32).")] = "f16",
+    dtype: Annotated[ExportDtype, typer.Option(
+        "--dtype", help="hf: weight dtype; auto keeps the dtype the base weights were saved in.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists and is not empty.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+) -> None:
+    """Export a policy checkpoint for shipping: a plain HF directory, or a GGUF file for llama.cpp (Ollama, LM
+    Studio), each with the tokenizer and the Llama 2 chat template."""
+    if not checkpoint.is_dir():
+        fail(f"{checkpoint}: no such checkpoint directory")
+    if format == "gguf" and out.suffix != ".gguf":
+        fail(f"{out}: with --format gguf, OUT is the file to write and its name ends in .gguf "
+             f"(e.g. {out.with_suffix('.gguf').name})", EXIT_USAGE)
+    if out.resolve() == checkpoint.resolve() or checkpoint.resolve().is_relative_to(out.resolve()):
+        fail(f"{out}: would replace the checkpoint being exported; choose another OUT", EXIT_USAGE)
+    if format == "gguf" and out.is_dir():
+        fail(f"{out}: is a directory; with --format gguf, OUT is the .gguf file to write")
+    if out.exists() and not overwrite and (format == "gguf" or not out.is_dir() or any(out.iterdir())):
+        fail(f"{out}: exists{'' if format == 'gguf' else ' and is not empty'}; pass --overwrite to replace it")
+
+    from .export import ExportError, export_checkpoint  # imports torch: only here
+
+    try:
+        path, meta = export_checkpoint(checkpoint, out, format=format, gguf_type=gguf_type, dtype=dtype,
+                                       overwrite=overwrite)
+    except ImportError as err:
+        fail(f"cannot export: {err}")
+    except (ExportError, FileNotFoundError) as err:  # their messages name the file
+        fail(str(err))
+    except (ValueError, OSError) as err:  # a model directory transformers or peft refuses
+        fail(f"cannot export {checkpoint}: {err}")
+    if as_json:
+        typer.echo(json.dumps(meta, indent=2))
+        return
+    merged = f", {_plural(meta['merged_adapters'], 'LoRA adapter')} merged" if meta["merged_adapters"] else ""
+    typer.echo(f"exported {checkpoint} -> {path} ({format}{merged})")
+    if format == "hf":
+        typer.echo(f"  {meta['dtype']} weights, {meta['bytes'] / 2**20:,.1f} MiB; tokenizer and Llama 2 chat template")
+    else:
+        types = ", ".join(f"{k} {v}" for k, v in meta["tensor_types"].items())
+        typer.echo(f"  {gguf_type}: {meta['tensors']} tensors ({types}), {meta['bytes'] / 2**20:,.1f} MiB; "
+                   f"{meta['tokens']:,} tokens and the Llama 2 chat template")
+        if meta["f16_fallback"]:
+            typer.echo(f"  kept in f16 (rows not a multiple of 32): {', '.join(meta['f16_fallback'])}")
 
 
 # --------------------------------------------------------------------------------------------------------------

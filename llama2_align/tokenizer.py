@@ -122,11 +122,17 @@ def save_tokenizer(tok, out_dir: str | Path) -> Path:
     """Save in HF format, plus the SentencePiece ``tokenizer.model`` when there is one."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The model's bytes are kept on the tokenizer after the first save: the directory it was saved into may be an
+    # atomic_dir's temporary one, renamed away by the time the same tokenizer is saved again (PPO saves the policy,
+    # then the value model; every checkpoint saves it too).
+    spm_bytes = getattr(tok, "_llama2_align_spm_bytes", None)
     spm_src = getattr(tok, "_llama2_align_spm", None)
-    spm_bytes = Path(spm_src).read_bytes() if spm_src and Path(spm_src).exists() else None
+    if spm_bytes is None and spm_src and Path(spm_src).exists():
+        spm_bytes = Path(spm_src).read_bytes()
     tok.init_kwargs.pop("llama2_align_spm", None)
     tok.save_pretrained(out_dir)
     if spm_bytes is not None:
         (out_dir / SPM_FILE).write_bytes(spm_bytes)
         tok._llama2_align_spm = str(out_dir / SPM_FILE)
+        tok._llama2_align_spm_bytes = spm_bytes
     return out_dir

@@ -252,3 +252,15 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_saved_twice_through_atomic_dirs_keeps_its_sentencepiece_model(tok_dir, tmp_path):
+    """save_model writes into a temporary directory that is then renamed: a second save of the same tokenizer
+    object (PPO's policy then value model, every checkpoint) must still write tokenizer.model."""
+    from llama2_align.io import atomic_dir
+
+    t = load_tokenizer(tok_dir)
+    for name in ("first", "second", "third"):
+        with atomic_dir(tmp_path / name) as tmp:
+            save_tokenizer(t, tmp)
+        assert (tmp_path / name / SPM_FILE).read_bytes() == (tok_dir / SPM_FILE).read_bytes(), name
