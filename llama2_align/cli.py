@@ -291,6 +291,60 @@ def run(
                    "(Runs -> rlhf-pipeline -> Artifacts)")
 
 
+@app.command("plan", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+def plan(
+    preset: Annotated[str, typer.Option(
+        "--preset", help="Pipeline preset: demo-tiny, demo-micro, llama2-7b-lora, llama2-7b, llama2-13b-lora, "
+                         "llama2-70b-lora.")],
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs per node.", min=1)] = 1,
+    gpu_memory: Annotated[str, typer.Option("--gpu-memory", help="Memory of one GPU: 80GiB, 141GB, 40G, ...")
+                          ] = "80GiB",
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes (world size = nodes x gpus).", min=1)] = 1,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="JSON or YAML file with pipeline fields (as for `run`).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a field, e.g. --set ppo.micro_batch_size=4 (repeatable).")] = None,
+    rejection_sampling: Annotated[Optional[bool], typer.Option(
+        "--rejection-sampling/--no-rejection-sampling", help="Count rejection sampling (off by default).")] = None,
+    prompt_tokens: Annotated[Optional[int], typer.Option(
+        "--prompt-tokens", help="Longest prompt for PPO, rejection sampling and evaluation (default: 512, or the "
+                                "SFT max_length when shorter).", min=1)] = None,
+    reserve: Annotated[str, typer.Option(
+        "--reserve", help="Memory per GPU kept for the CUDA context, NCCL and fragmentation.")] = "2GiB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Per-GPU memory of every stage (weights, gradients, optimizer, activations, KV cache) and the sharding,
+    micro-batch and QLoRA that make it fit. Exits 1, with the numbers, when a stage cannot fit."""
+    from pydantic import ValidationError
+
+    from .pipeline import PIPELINE_PRESETS, PipelineConfig, load_config_file, parse_override, resolve
+    from .plan import parse_memory, plan_pipeline
+
+    if preset not in PIPELINE_PRESETS:
+        fail(f"unknown preset {preset!r}; available presets: {', '.join(PIPELINE_PRESETS)}", EXIT_USAGE)
+    try:
+        fields = load_config_file(config) if config is not None else {}
+        fields["preset"] = preset
+        if rejection_sampling is not None:
+            fields["rejection_sampling"] = rejection_sampling
+        overrides = dict(fields.get("overrides") or {})
+        overrides.update(parse_override(item) for item in (set_ or []))
+        fields["overrides"] = overrides
+        resolved = resolve(PipelineConfig.model_validate(fields))
+        memory, reserved = parse_memory(gpu_memory), parse_memory(reserve) if reserve.strip() != "0" else 0
+    except FileNotFoundError as err:
+        fail(str(err), EXIT_USAGE)
+    except (ValidationError, ValueError) as err:
+        fail(f"invalid plan request: {err}", EXIT_USAGE)
+    result = plan_pipeline(resolved, gpus=gpus, gpu_memory=memory, nodes=nodes, reserve=reserved,
+                           prompt_tokens=prompt_tokens)
+    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else result.table())
+    if not result.fits:
+        bad = ", ".join(f"{s.stage} ({s.total / 2**30:,.1f} GiB > {s.budget / 2**30:,.1f} GiB)"
+                        for s in result.refused())
+        fail(f"the run cannot fit: {bad}", EXIT_REFUSED)
+
+
 @app.command("eval", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
 def evaluate(
     checkpoint: Annotated[list[str], typer.Option(

@@ -99,6 +99,10 @@ def preset_defaults(preset: str) -> dict:
         lora_cfg = LoraSettings(enabled=True, r=16, alpha=32)
         sft, rh, rs = (c.model_copy(update={"lora": lora_cfg}) for c in (sft, rh, rs))
         ppo = ppo.model_copy(update={"lora": lora_cfg})
+        if preset == "llama2-70b-lora":
+            # The memory plan (llama2-align plan): even on 8 x 80 GiB, PPO's five 70B roles fit only with the policy's
+            # and the value model's bases in 4 bits (QLoRA); the reward models stay bf16.
+            ppo = ppo.model_copy(update={"lora": lora_cfg.model_copy(update={"quantize": "nf4"})})
     else:
         ppo = ppo.model_copy(update={"lora": LoraSettings(enabled=False)})
     if preset == "demo-micro":

@@ -1,0 +1,188 @@
+"""The memory plan's estimates (``llama2_align.plan``) against measured peaks on the CPU, for the small presets.
+
+Each measurement runs in a fresh subprocess: it builds the stage's models as the stage does (``build_model``, float32
+on the CPU), then runs one SFT step, one reward-model step (chosen + rejected), or one PPO iteration (a rollout with
+the static KV cache, the no-grad scoring of policy, reference, value and both reward models, and one policy + value
+update), under torch's profiler with ``profile_memory``. Two figures come back:
+
+- tensor peak: the highest total of live CPU tensor bytes that torch's allocator reported during the run (models
+  built inside the profiled region, so weights, gradients and AdamW state are in it);
+- RSS growth: ``ru_maxrss`` at the end minus ``ru_maxrss`` after the imports (what the OS saw: tensors plus the
+  allocator's slack, Python objects and thread buffers).
+
+The estimate is the plan's total for the same shapes and batch (no reserve). Ratio = estimate / measured.
+
+    .venv/bin/python bench/plan_check.py [--presets micro,tiny,small] [--stages sft,reward,ppo] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# (micro-batch, sequence length) per preset for SFT/RM; PPO: (rollouts, prompt, new tokens, micro-batch)
+SIZES = {"micro": dict(b=16, s=128, ppo=(32, 64, 24, 16)),
+         "tiny": dict(b=16, s=256, ppo=(32, 96, 32, 16)),
+         "small": dict(b=8, s=512, ppo=(16, 128, 48, 8))}
+
+
+def _configs(preset: str, stage: str, lora: bool):
+    from llama2_align.model import LoraSettings
+    from llama2_align.stages.ppo import PPOConfig
+    from llama2_align.stages.reward import RewardConfig
+    from llama2_align.stages.sft import SFTConfig
+
+    sz = SIZES[preset]
+    lo = LoraSettings(enabled=lora, r=8, alpha=16, dropout=0.0)
+    if stage == "sft":
+        return SFTConfig(micro_batch_size=sz["b"], batch_size=sz["b"], max_length=sz["s"], dtype="fp32", lora=lo)
+    if stage == "reward":
+        return RewardConfig(micro_batch_size=sz["b"], batch_size=sz["b"], max_length=sz["s"], dtype="fp32", lora=lo)
+    n, prompt, new, micro = sz["ppo"]
+    return PPOConfig(prompts_per_iteration=n, mini_batch_size=n, micro_batch_size=micro, generation_batch_size=n,
+                     score_batch_size=n, max_new_tokens=new, dtype="fp32", lora=lo), prompt
+
+
+def child(preset: str, stage: str, lora: bool) -> dict:
+    import resource
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from llama2_align import ppo_core as core
+    from llama2_align.generation import generate_ids
+    from llama2_align.model import build_model, build_reference
+    from llama2_align.stages.ppo import Batch, _sub, policy_forward, value_forward
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cfg = _configs(preset, stage, lora)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        if stage in ("sft", "reward"):
+            role = "policy" if stage == "sft" else "reward"
+            model = build_model(preset, role, lora=cfg.lora, dtype="fp32", device="cpu")
+            model.train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            vocab = model.config.vocab_size
+            rows = cfg.micro_batch_size * (2 if stage == "reward" else 1)
+            ids = torch.randint(3, vocab, (rows, cfg.max_length))
+            mask = torch.ones_like(ids)
+            if stage == "sft":
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+            else:
+                r = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+                c, j = r.chunk(2)
+                loss = -torch.nn.functional.logsigmoid(c - j).mean()
+            loss.backward()
+            opt.step()
+        else:
+            cfg, prompt = cfg
+            policy = build_model(preset, "policy", lora=cfg.lora, dtype="fp32", device="cpu")
+            reference = build_reference(policy, preset, dtype="fp32", device="cpu")
+            value = build_model(preset, "value", lora=cfg.lora, dtype="fp32", device="cpu")
+            rms = [build_model(preset, "reward", dtype="fp32", device="cpu") for _ in range(2)]
+            opt_p = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
+            opt_v = torch.optim.AdamW([p for p in value.parameters() if p.requires_grad], lr=1e-5)
+            vocab = policy.config.vocab_size
+            prompts = torch.randint(3, vocab, (cfg.prompts_per_iteration, prompt)).tolist()
+            responses = generate_ids(policy, prompts, eos_token_id=vocab + 7, pad_token_id=0,  # no EOS: full length
+                                     max_new_tokens=cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
+            batch = Batch(prompts, responses, 0, torch.device("cpu"))
+            with torch.no_grad():
+                old_lp, _, _ = policy_forward(policy, batch)
+                with reference.model() as ref:
+                    ref_lp, _, _ = policy_forward(ref, batch)
+                old_v = value_forward(value, batch)
+                for rm in rms:
+                    rm(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            policy.train()
+            value.train()
+            rows = torch.arange(cfg.micro_batch_size)
+            sub = _sub(batch, rows)
+            lp, _, _ = policy_forward(policy, sub, with_entropy=True)
+            adv = torch.randn_like(lp)
+            pl, _ = core.policy_loss(lp, old_lp[rows], adv, sub.mask, cfg.clip_range)
+            v = value_forward(value, sub)
+            vl, _ = core.value_loss(v, old_v[rows], torch.randn_like(v), sub.mask, cfg.value_clip_range)
+            pl.backward()
+            vl.backward()
+            opt_p.step()
+            opt_v.step()
+    allocs = []
+
+    def walk(node):
+        ef = node.extra_fields
+        if type(ef).__name__ == "_ExtraFields_Allocation":  # CPU only here
+            allocs.append((node.start_time_ns, ef.alloc_size, ef.total_allocated))
+        for c in node.children:
+            walk(c)
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    allocs.sort()
+    base = allocs[0][2] - allocs[0][1] if allocs else 0
+    peak = max(a[2] for a in allocs) - base if allocs else 0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    return {"tensor_peak": peak, "rss_growth": rss}
+
+
+def estimate(preset: str, stage: str, lora: bool) -> dict:
+    from llama2_align.plan import estimate as plan_estimate
+    from llama2_align.plan import model_shape
+
+    cfg = _configs(preset, stage, lora)
+    shape = model_shape(preset)
+    if stage == "ppo":
+        cfg, prompt = cfg
+        est = plan_estimate("ppo", shape, cfg, prompt_tokens=prompt, device="cpu")
+    else:
+        est = plan_estimate(stage, shape, cfg, device="cpu")
+    return {"estimate": est.total, "weights": est.weights, "grads": est.grads, "optim": est.optim,
+            "activations": est.activations, "kv_cache": est.kv_cache}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", default="micro,tiny,small")
+    ap.add_argument("--stages", default="sft,reward,ppo")
+    ap.add_argument("--lora", action="store_true", help="LoRA (r 8, no dropout) instead of full fine-tuning")
+    ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--child", nargs=3, metavar=("PRESET", "STAGE", "LORA"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args.child[2] == "1")))
+        return
+    rows = []
+    mib = 2**20
+    print(f"{'preset':<7}{'stage':<8}{'lora':<6}{'estimate':>11}{'tensor peak':>13}{'ratio':>7}{'RSS growth':>12}"
+          f"{'ratio':>7}   estimate = weights + grads + optim + activations/logits + kv (MiB)")
+    for preset in args.presets.split(","):
+        for stage in args.stages.split(","):
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            out = subprocess.run([sys.executable, __file__, "--child", preset, stage, "1" if args.lora else "0"],
+                                 capture_output=True, text=True, env=env, check=True)
+            measured = json.loads(out.stdout.strip().splitlines()[-1])
+            est = estimate(preset, stage, args.lora)
+            row = {"preset": preset, "stage": stage, "lora": args.lora, **est, **measured,
+                   "ratio_tensor": est["estimate"] / measured["tensor_peak"],
+                   "ratio_rss": est["estimate"] / measured["rss_growth"]}
+            rows.append(row)
+            parts = " + ".join(f"{est[k] / mib:.1f}" for k in ("weights", "grads", "optim", "activations",
+                                                                "kv_cache"))
+            print(f"{preset:<7}{stage:<8}{'yes' if args.lora else 'no':<6}{est['estimate'] / mib:>9.1f}Mi"
+                  f"{measured['tensor_peak'] / mib:>11.1f}Mi{row['ratio_tensor']:>7.2f}"
+                  f"{measured['rss_growth'] / mib:>10.1f}Mi{row['ratio_rss']:>7.2f}   {parts}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
