@@ -28,8 +28,10 @@ Per GPU, per stage (all sizes in bytes; ``p`` is the compute dtype's size, 2 for
     (autograd saves a matmul's input only for its weight's gradient);
   * SwiGLU MLP: gate output (SiLU input), SiLU output, up output, down input (``4 p f``) plus the gate/up input
     (``p h``), again the projection inputs only when trained;
-  * LoRA on a module of input width ``w``: peft casts the input to the adapter's float32 (``4w``), dropout adds its
-    mask and output (``1w + 4w`` on CUDA), and the rank-``r`` hidden (``4r``).
+  * LoRA on a module of input width ``w``: the adapter keeps its input for its own gradient, which the frozen
+    projection does not; peft casts it to the adapter's float32, one copy per adapter (``4w``), dropout adds its mask
+    (``1w`` on CUDA); in float32 without dropout the adapters of q/k/v (and of gate/up) share the one input
+    (``p w``); plus the rank-``r`` hidden (``4r``).
 
   Full fine-tuning in bf16 gives ``26h + 8f`` bytes per layer per token (Korthikanti's GPT block: ``34h``). With
   activation checkpointing (one checkpoint per decoder layer) each layer keeps only its input (``p h``), and the
@@ -72,6 +74,7 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + double-quantized absmax constants
 ADAPTER_BYTES = 4  # peft keeps LoRA weights in float32 (autocast_adapter_dtype)
 STAGES = ("sft", "reward-helpfulness", "reward-safety", "rejection-sampling", "ppo", "eval")
+LORA_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 SHARDABLE = {"sft", "reward-helpfulness", "reward-safety", "ppo"}  # + rejection sampling's SFT phase
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
@@ -240,14 +243,16 @@ def layer_activation_bytes(shape: ModelShape, p: int, mode: str, lora: LoraSetti
         mlp += p * (h + f)  # gate/up input, down input
     elif mode == "lora" and lora is not None:
         dims = shape.module_dims()
-        for target in lora.target_modules:
-            w = dims[target][0]
-            kept = 0.0
-            if p < 4 or lora.dropout > 0:
-                kept += 4 * w  # the input cast to float32 (or dropout's output)
-            if lora.dropout > 0:
-                kept += 1 * w  # dropout's mask
-            attn += kept + 4 * lora.r
+        for group in LORA_INPUT_GROUPS:  # projections that read the same input tensor
+            targeted = [t for t in group if t in lora.target_modules]
+            if not targeted:
+                continue
+            w = dims[targeted[0]][0]
+            if p < 4 or lora.dropout > 0:  # each adapter keeps its own float32 copy (cast / dropout output) + mask
+                attn += len(targeted) * (4 * w + (1 * w if lora.dropout > 0 else 0))
+            else:  # the adapters keep the shared input itself
+                attn += p * w
+            attn += len(targeted) * 4 * lora.r
     return norms + attn + mlp
 
 

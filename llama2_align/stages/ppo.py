@@ -27,6 +27,7 @@ from ..chat import encode_prompt
 from ..data import read_records
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
+from ..launch import LaunchSettings
 from ..model import LoraSettings, build_model, build_reference, is_peft, save_model, unwrap
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, ProgressFn, StageResult, Timer, input_fingerprints,
@@ -89,6 +90,8 @@ class PPOConfig(BaseModel):
     num_samples: int = Field(6, ge=0)
     seed: int = 0
     num_processes: int = Field(1, ge=1)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="multi-node: nodes, this node's rank, "
+                                   "the rendezvous (num_processes is then per node)")
 
 
     @property

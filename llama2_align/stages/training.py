@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, model_validator
 from transformers import TrainerCallback
 
 from ..io import append_jsonl
+from ..launch import LaunchSettings
 from ..model import LoraSettings
 from .common import METRICS_FILE, STAGING_DIR, ProgressFn, is_main_process, latest_checkpoint, truncate_metrics
 
@@ -47,6 +48,8 @@ class TrainStageConfig(BaseModel):
     dtype: str = "auto"
     seed: int = 0
     num_processes: int = Field(1, ge=1, description="processes (GPUs) to run the stage on, via torchrun")
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="multi-node: nodes, this node's rank, "
+                                   "the rendezvous (num_processes is then per node)")
     fsdp: bool = Field(False, description="shard the model with FSDP instead of DDP when num_processes > 1")
     progress_bar: bool = True
 

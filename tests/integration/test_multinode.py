@@ -1,0 +1,95 @@
+"""Multi-node launch: two torchrun agents on 127.0.0.1, one process each, as two "nodes" of one job (torchrun's c10d
+rendezvous, ``LaunchSettings``), run a real SFT stage on the micro preset. Both nodes take part (ranks 0 and 1 of a
+world of 2), rank 0 alone writes, and both calls return the same result, shaped like a single-node launch's."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from llama2_align.launch import LaunchSettings, launch_stage, should_launch
+from llama2_align.stages.sft import SFTConfig, SFTInputs, sft_config_for
+
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(**launch) -> SFTConfig:
+    return SFTConfig.model_validate({**sft_config_for("micro").model_dump(), "max_steps": STEPS, "batch_size": 16,
+                                     "micro_batch_size": 8, "logging_steps": 1, "eval_steps": 2, "save_steps": 2,
+                                     "num_samples": 1, "sample_max_new_tokens": 4, "progress_bar": False,
+                                     "num_processes": 1, "launch": launch})
+
+
+def test_launch_settings_validation():
+    assert LaunchSettings().torchrun_args(4) == ["--standalone", "--nproc_per_node=4"]
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        LaunchSettings(num_nodes=2)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        LaunchSettings(num_nodes=2, rdzv_endpoint="node0")
+    with pytest.raises(ValueError, match="node_rank"):
+        LaunchSettings(num_nodes=2, node_rank=2, rdzv_endpoint="node0:29400")
+    two = LaunchSettings(num_nodes=2, node_rank=1, rdzv_endpoint="node0:29400", rdzv_id="job7")
+    args = two.torchrun_args(8)
+    assert "--standalone" not in args
+    assert {"--nnodes=2", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29400",
+            "--rdzv_id=job7"} <= set(args)
+    assert not any(a.startswith("--node_rank") for a in args)  # c10d hands out the ranks (torchrun ignores it)
+    static = LaunchSettings(num_nodes=2, node_rank=1, rdzv_endpoint="node0:29400", rdzv_backend="static")
+    assert "--node_rank=1" in static.torchrun_args(8) and "--rdzv_backend=static" in static.torchrun_args(8)
+    # one process per node still launches when there are several nodes
+    assert should_launch(_config(num_nodes=2, node_rank=0, rdzv_endpoint="127.0.0.1:29400"))
+    assert not should_launch(_config())
+
+
+@pytest.mark.slow
+def test_two_nodes_run_one_sft_stage(tmp_path, demo_world_dir, tokenizer_dir):
+    port, job = _free_port(), f"test-{uuid.uuid4().hex[:8]}"
+    inputs = SFTInputs(base="micro", data=str(demo_world_dir / "sft.jsonl"), tokenizer=str(tokenizer_dir))
+    out = tmp_path / "sft"
+    results, errors, lines = {}, {}, {0: [], 1: []}
+
+    def node(rank: int) -> None:
+        cfg = _config(num_nodes=2, node_rank=rank, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id=job,
+                      rdzv_timeout_s=120)
+        try:
+            results[rank] = launch_stage("sft", cfg, inputs, out, cfg.num_processes, log=lines[rank].append)
+        except BaseException as exc:  # reported below
+            errors[rank] = exc
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in threads:  # node 1 a moment later: c10d orders the agents of one host by pid, so node 0 gets rank 0
+        t.start()
+        time.sleep(1.5)
+    for t in threads:
+        t.join(timeout=600)
+    print(f"2-node SFT ({STEPS} steps) took {time.perf_counter() - t0:.1f}s")
+    assert not errors, {r: str(e)[-2000:] for r, e in errors.items()}
+    assert results[0] == results[1]
+    result = results[0]
+    assert result.stage == "sft" and result.steps == STEPS and result.provenance["world_size"] == 2
+
+    # each node ran one process, in one world of 2: ranks 0 and 1, one on each node
+    ran = {n: {r for r in (0, 1) if any(f"rank {r} of 2" in line for line in lines[n])} for n in (0, 1)}
+    assert ran == {0: {0}, 1: {1}}, ran
+    assert lines[0][0].startswith("sft: launching 1 processes on node 0 of 2")
+    assert any(line.startswith("[node1.0] ") for line in lines[1])
+
+    # the single-node shape: rank 0 alone wrote, once per step; a checkpoint holds both ranks' RNG states
+    assert (out / "final" / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    assert sorted(p.name for p in (out / f"checkpoint-{STEPS}").glob("rng_state*")) == ["rng_state_0.pth",
+                                                                                       "rng_state_1.pth"]
+    assert sorted(p.name for p in (out / ".launch" / "logs").iterdir()) == ["node0", "node1"]
