@@ -345,6 +345,54 @@ def plan(
         fail(f"the run cannot fit: {bad}", EXIT_REFUSED)
 
 
+@app.command("launch", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+def launch(
+    spec: Annotated[Path, typer.Argument(help="JSON file: {stage, config, inputs, out_dir} (the stage's own config "
+                                              "and inputs fields; unset config fields take their defaults).")],
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        "--nproc-per-node", help="Processes (GPUs) on this node (default: the config's num_processes).", min=1)
+    ] = None,
+    num_nodes: Annotated[Optional[int], typer.Option("--num-nodes", help="Nodes in the job.", min=1)] = None,
+    node_rank: Annotated[Optional[int], typer.Option("--node-rank", help="This node's rank (0-based).", min=0)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        "--rdzv-endpoint", help="HOST:PORT of the rendezvous, the same on every node (e.g. node 0:29400).")] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option(
+        "--rdzv-id", help="Job id, the same on every node (e.g. $SLURM_JOB_ID).")] = None,
+    rdzv_backend: Annotated[Optional[str], typer.Option(
+        "--rdzv-backend", help="c10d (torchrun assigns the ranks) or static (--node-rank does).")] = None,
+) -> None:
+    """Run one stage on this node under torchrun: one call per node of a multi-node job (Slurm srun, a Kubernetes
+    PyTorchJob, one Prefect flow run per node). Options override the config's `launch` settings."""
+    from pydantic import ValidationError
+
+    from .launch import LaunchError, LaunchSettings, _lookup, launch_settings, launch_stage
+
+    if not spec.is_file():
+        fail(f"{spec}: no such spec file", EXIT_USAGE)
+    try:
+        data = json.loads(spec.read_text())
+        for key in ("stage", "inputs", "out_dir"):
+            if key not in data:
+                raise ValueError(f"{spec}: missing {key!r}: expected {{stage, config, inputs, out_dir}}")
+        config_cls, inputs_cls, _ = _lookup(data["stage"])
+        config = config_cls.model_validate(data.get("config") or {})
+        inputs = inputs_cls.model_validate(data["inputs"])
+        given = dict(num_nodes=num_nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
+                     rdzv_backend=rdzv_backend)
+        settings = LaunchSettings.model_validate({**launch_settings(config).model_dump(),
+                                                  **{k: v for k, v in given.items() if v is not None}})
+    except (ValidationError, ValueError) as err:
+        fail(f"invalid launch spec: {err}", EXIT_USAGE)
+    nproc = nproc_per_node or int(getattr(config, "num_processes", 1) or 1)
+    try:
+        result = launch_stage(data["stage"], config, inputs, data["out_dir"], nproc, log=typer.echo,
+                              backend=data.get("backend"), launch=settings)
+    except LaunchError as err:
+        fail(str(err), EXIT_REFUSED)
+    typer.echo(f"{result.stage}: done ({result.steps} steps, world size {result.provenance.get('world_size')}); "
+               f"output {result.final or result.out_dir}")
+
+
 @app.command("eval", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
 def evaluate(
     checkpoint: Annotated[list[str], typer.Option(

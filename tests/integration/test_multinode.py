@@ -1,11 +1,14 @@
 """Multi-node launch: two torchrun agents on 127.0.0.1, one process each, as two "nodes" of one job (torchrun's c10d
-rendezvous, ``LaunchSettings``), run a real SFT stage on the micro preset. Both nodes take part (ranks 0 and 1 of a
-world of 2), rank 0 alone writes, and both calls return the same result, shaped like a single-node launch's."""
+rendezvous, ``LaunchSettings``), run a real SFT stage on the micro preset: node 0 through ``launch_stage``, node 1
+through ``llama2-align launch SPEC`` (what the Slurm example runs on every node). Both nodes take part (ranks 0 and
+1 of a world of 2), rank 0 alone writes, and both return the same result, shaped like a single-node launch's."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,6 +16,7 @@ import uuid
 import pytest
 
 from llama2_align.launch import LaunchSettings, launch_stage, should_launch
+from llama2_align.stages.common import load_result
 from llama2_align.stages.sft import SFTConfig, SFTInputs, sft_config_for
 
 STEPS = 4
@@ -59,11 +63,25 @@ def test_two_nodes_run_one_sft_stage(tmp_path, demo_world_dir, tokenizer_dir):
     out = tmp_path / "sft"
     results, errors, lines = {}, {}, {0: [], 1: []}
 
+    # node 0 calls the library; node 1 runs `llama2-align launch` on a spec file, as a Slurm task would
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"stage": "sft", "config": _config().model_dump(mode="json"),
+                                "inputs": inputs.model_dump(), "out_dir": str(out)}))
+
     def node(rank: int) -> None:
-        cfg = _config(num_nodes=2, node_rank=rank, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id=job,
-                      rdzv_timeout_s=120)
         try:
-            results[rank] = launch_stage("sft", cfg, inputs, out, cfg.num_processes, log=lines[rank].append)
+            if rank == 0:
+                cfg = _config(num_nodes=2, node_rank=0, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id=job,
+                              rdzv_timeout_s=120)
+                results[0] = launch_stage("sft", cfg, inputs, out, cfg.num_processes, log=lines[0].append)
+                return
+            proc = subprocess.run([sys.executable, "-m", "llama2_align.cli", "launch", str(spec), "--num-nodes", "2",
+                                   "--node-rank", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job],
+                                  capture_output=True, text=True, timeout=600)
+            lines[1].extend(proc.stdout.splitlines())
+            if proc.returncode != 0:
+                raise RuntimeError(f"exit {proc.returncode}: {proc.stderr[-3000:]}")
+            results[1] = load_result(out)
         except BaseException as exc:  # reported below
             errors[rank] = exc
 
@@ -84,7 +102,9 @@ def test_two_nodes_run_one_sft_stage(tmp_path, demo_world_dir, tokenizer_dir):
     ran = {n: {r for r in (0, 1) if any(f"rank {r} of 2" in line for line in lines[n])} for n in (0, 1)}
     assert ran == {0: {0}, 1: {1}}, ran
     assert lines[0][0].startswith("sft: launching 1 processes on node 0 of 2")
+    assert lines[1][0].startswith("sft: launching 1 processes on node 1 of 2")
     assert any(line.startswith("[node1.0] ") for line in lines[1])
+    assert lines[1][-1].startswith("sft: done (4 steps, world size 2)")
 
     # the single-node shape: rank 0 alone wrote, once per step; a checkpoint holds both ranks' RNG states
     assert (out / "final" / "model.safetensors").exists()
@@ -93,3 +113,44 @@ def test_two_nodes_run_one_sft_stage(tmp_path, demo_world_dir, tokenizer_dir):
     assert sorted(p.name for p in (out / f"checkpoint-{STEPS}").glob("rng_state*")) == ["rng_state_0.pth",
                                                                                        "rng_state_1.pth"]
     assert sorted(p.name for p in (out / ".launch" / "logs").iterdir()) == ["node0", "node1"]
+
+
+FAKE_SRUN = """#!/bin/bash
+# stands in for Slurm's srun on one machine: the command once per node of $SLURM_NNODES, SLURM_NODEID set
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); sleep 1.5; done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+"""
+
+
+@pytest.mark.slow
+def test_the_slurm_example_runs_a_stage_on_two_nodes(tmp_path, demo_world_dir, tokenizer_dir):
+    """deployments/slurm/llama2-align.sbatch, run by bash with srun and scontrol stood in for (two "nodes" on
+    127.0.0.1, one GPU-less process each)."""
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "sft"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"stage": "sft", "config": _config().model_dump(mode="json"),
+                                "inputs": {"base": "micro", "data": str(demo_world_dir / "sft.jsonl"),
+                                           "tokenizer": str(tokenizer_dir)},
+                                "out_dir": str(out)}))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[0-1]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "GPUS_PER_NODE": "1", "RDZV_PORT": str(_free_port()),
+           "PY": sys.executable, "LLAMA2_ALIGN_ROOT": str(root)}
+    proc = subprocess.run(["bash", str(root / "deployments" / "slurm" / "llama2-align.sbatch"), str(spec)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rendezvous 127.0.0.1:" in proc.stdout
+    assert proc.stdout.count("sft: done (4 steps, world size 2)") == 2  # both nodes' tasks report the result
+    result = load_result(out)
+    assert result.provenance["world_size"] == 2 and result.steps == STEPS
