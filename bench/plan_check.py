@@ -7,12 +7,16 @@ update), under torch's profiler with ``profile_memory``. Two figures come back:
 
 - tensor peak: the highest total of live CPU tensor bytes that torch's allocator reported during the run (models
   built inside the profiled region, so weights, gradients and AdamW state are in it);
-- RSS growth: ``ru_maxrss`` at the end minus ``ru_maxrss`` after the imports (what the OS saw: tensors plus the
-  allocator's slack, Python objects and thread buffers).
+- RSS growth: ``ru_maxrss`` at the end minus ``ru_maxrss`` after the imports, in a second run of the same step
+  without the profiler (what the OS saw: tensors plus the allocator's slack, Python objects and thread buffers).
 
 The estimate is the plan's total for the same shapes and batch (no reserve). Ratio = estimate / measured.
 
-    .venv/bin/python bench/plan_check.py [--presets micro,tiny,small] [--stages sft,reward,ppo] [--json OUT]
+With ``--device cuda`` (a GPU; bf16) the measured figure is ``torch.cuda.max_memory_allocated`` over the same run
+(the caching allocator's peak of live tensors) and the RSS column is the allocator's peak reserved memory.
+
+    .venv/bin/python bench/plan_check.py [--presets micro,tiny,small] [--stages sft,reward,ppo] [--lora]
+                                         [--device cpu|cuda] [--json OUT]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ SIZES = {"micro": dict(b=16, s=128, ppo=(32, 64, 24, 16)),
          "small": dict(b=8, s=512, ppo=(16, 128, 48, 8))}
 
 
-def _configs(preset: str, stage: str, lora: bool):
+def _configs(preset: str, stage: str, lora: bool, dtype: str = "fp32"):
     from llama2_align.model import LoraSettings
     from llama2_align.stages.ppo import PPOConfig
     from llama2_align.stages.reward import RewardConfig
@@ -43,15 +47,16 @@ def _configs(preset: str, stage: str, lora: bool):
     sz = SIZES[preset]
     lo = LoraSettings(enabled=lora, r=8, alpha=16, dropout=0.0)
     if stage == "sft":
-        return SFTConfig(micro_batch_size=sz["b"], batch_size=sz["b"], max_length=sz["s"], dtype="fp32", lora=lo)
+        return SFTConfig(micro_batch_size=sz["b"], batch_size=sz["b"], max_length=sz["s"], dtype=dtype, lora=lo)
     if stage == "reward":
-        return RewardConfig(micro_batch_size=sz["b"], batch_size=sz["b"], max_length=sz["s"], dtype="fp32", lora=lo)
+        return RewardConfig(micro_batch_size=sz["b"], batch_size=sz["b"], max_length=sz["s"], dtype=dtype, lora=lo)
     n, prompt, new, micro = sz["ppo"]
     return PPOConfig(prompts_per_iteration=n, mini_batch_size=n, micro_batch_size=micro, generation_batch_size=n,
-                     score_batch_size=n, max_new_tokens=new, dtype="fp32", lora=lo), prompt
+                     score_batch_size=n, max_new_tokens=new, dtype=dtype, lora=lo), prompt
 
 
-def child(preset: str, stage: str, lora: bool) -> dict:
+def child(preset: str, stage: str, lora: bool, profiled: bool, device: str = "cpu") -> dict:
+    import contextlib
     import resource
 
     import torch
@@ -65,16 +70,24 @@ def child(preset: str, stage: str, lora: bool) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    cfg = _configs(preset, stage, lora)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    cuda = device == "cuda"
+    dtype = "bf16" if cuda else "fp32"
+    cfg = _configs(preset, stage, lora, dtype)
+    if cuda:  # pragma: no cover - GPU only
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+        alloc0 = torch.cuda.memory_allocated()
+        profiled = False
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if profiled else contextlib.nullcontext()
+    with prof:
         if stage in ("sft", "reward"):
             role = "policy" if stage == "sft" else "reward"
-            model = build_model(preset, role, lora=cfg.lora, dtype="fp32", device="cpu")
+            model = build_model(preset, role, lora=cfg.lora, dtype=dtype, device=device)
             model.train()
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             vocab = model.config.vocab_size
             rows = cfg.micro_batch_size * (2 if stage == "reward" else 1)
-            ids = torch.randint(3, vocab, (rows, cfg.max_length))
+            ids = torch.randint(3, vocab, (rows, cfg.max_length), device=device)
             mask = torch.ones_like(ids)
             if stage == "sft":
                 loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -86,17 +99,18 @@ def child(preset: str, stage: str, lora: bool) -> dict:
             opt.step()
         else:
             cfg, prompt = cfg
-            policy = build_model(preset, "policy", lora=cfg.lora, dtype="fp32", device="cpu")
-            reference = build_reference(policy, preset, dtype="fp32", device="cpu")
-            value = build_model(preset, "value", lora=cfg.lora, dtype="fp32", device="cpu")
-            rms = [build_model(preset, "reward", dtype="fp32", device="cpu") for _ in range(2)]
+            policy = build_model(preset, "policy", lora=cfg.lora, dtype=dtype, device=device)
+            reference = build_reference(policy, preset, dtype=dtype, device=device)
+            value = build_model(preset, "value", lora=cfg.lora, dtype=dtype, device=device)
+            rms = [build_model(preset, "reward", dtype=dtype, device=device) for _ in range(2)]
             opt_p = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
             opt_v = torch.optim.AdamW([p for p in value.parameters() if p.requires_grad], lr=1e-5)
             vocab = policy.config.vocab_size
             prompts = torch.randint(3, vocab, (cfg.prompts_per_iteration, prompt)).tolist()
             responses = generate_ids(policy, prompts, eos_token_id=vocab + 7, pad_token_id=0,  # no EOS: full length
-                                     max_new_tokens=cfg.max_new_tokens, generator=torch.Generator().manual_seed(0))
-            batch = Batch(prompts, responses, 0, torch.device("cpu"))
+                                     max_new_tokens=cfg.max_new_tokens,
+                                     generator=torch.Generator(device=device).manual_seed(0))
+            batch = Batch(prompts, responses, 0, torch.device(device))
             with torch.no_grad():
                 old_lp, _, _ = policy_forward(policy, batch)
                 with reference.model() as ref:
@@ -106,7 +120,7 @@ def child(preset: str, stage: str, lora: bool) -> dict:
                     rm(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             policy.train()
             value.train()
-            rows = torch.arange(cfg.micro_batch_size)
+            rows = torch.arange(cfg.micro_batch_size, device=device)
             sub = _sub(batch, rows)
             lp, _, _ = policy_forward(policy, sub, with_entropy=True)
             adv = torch.randn_like(lp)
@@ -117,6 +131,13 @@ def child(preset: str, stage: str, lora: bool) -> dict:
             vl.backward()
             opt_p.step()
             opt_v.step()
+    if cuda:  # pragma: no cover - GPU only
+        torch.cuda.synchronize()
+        return {"tensor_peak": torch.cuda.max_memory_allocated() - alloc0,
+                "rss_growth": torch.cuda.max_memory_reserved()}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+    if not profiled:
+        return {"rss_growth": rss}
     allocs = []
 
     def walk(node):
@@ -130,21 +151,20 @@ def child(preset: str, stage: str, lora: bool) -> dict:
     allocs.sort()
     base = allocs[0][2] - allocs[0][1] if allocs else 0
     peak = max(a[2] for a in allocs) - base if allocs else 0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    return {"tensor_peak": peak, "rss_growth": rss}
+    return {"tensor_peak": peak}
 
 
-def estimate(preset: str, stage: str, lora: bool) -> dict:
+def estimate(preset: str, stage: str, lora: bool, device: str = "cpu") -> dict:
     from llama2_align.plan import estimate as plan_estimate
     from llama2_align.plan import model_shape
 
-    cfg = _configs(preset, stage, lora)
+    cfg = _configs(preset, stage, lora, "bf16" if device == "cuda" else "fp32")
     shape = model_shape(preset)
     if stage == "ppo":
         cfg, prompt = cfg
-        est = plan_estimate("ppo", shape, cfg, prompt_tokens=prompt, device="cpu")
+        est = plan_estimate("ppo", shape, cfg, prompt_tokens=prompt, device=device)
     else:
-        est = plan_estimate(stage, shape, cfg, device="cpu")
+        est = plan_estimate(stage, shape, cfg, device=device)
     return {"estimate": est.total, "weights": est.weights, "grads": est.grads, "optim": est.optim,
             "activations": est.activations, "kv_cache": est.kv_cache}
 
@@ -154,11 +174,14 @@ def main() -> None:
     ap.add_argument("--presets", default="micro,tiny,small")
     ap.add_argument("--stages", default="sft,reward,ppo")
     ap.add_argument("--lora", action="store_true", help="LoRA (r 8, no dropout) instead of full fine-tuning")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", help="write the rows here too")
-    ap.add_argument("--child", nargs=3, metavar=("PRESET", "STAGE", "LORA"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=5, metavar=("PRESET", "STAGE", "LORA", "PROFILED", "DEVICE"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.child[2] == "1")))
+        print(json.dumps(child(args.child[0], args.child[1], args.child[2] == "1", args.child[3] == "1",
+                               args.child[4])))
         return
     rows = []
     mib = 2**20
@@ -167,10 +190,13 @@ def main() -> None:
     for preset in args.presets.split(","):
         for stage in args.stages.split(","):
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            out = subprocess.run([sys.executable, __file__, "--child", preset, stage, "1" if args.lora else "0"],
-                                 capture_output=True, text=True, env=env, check=True)
-            measured = json.loads(out.stdout.strip().splitlines()[-1])
-            est = estimate(preset, stage, args.lora)
+            measured = {}
+            # CPU: the tensor peak under the profiler, RSS in a run without it (the profiler's own buffers); CUDA: one
+            for profiled in ("1", "0") if args.device == "cpu" else ("0",):
+                out = subprocess.run([sys.executable, __file__, "--child", preset, stage, "1" if args.lora else "0",
+                                      profiled, args.device], capture_output=True, text=True, env=env, check=True)
+                measured.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            est = estimate(preset, stage, args.lora, args.device)
             row = {"preset": preset, "stage": stage, "lora": args.lora, **est, **measured,
                    "ratio_tensor": est["estimate"] / measured["tensor_peak"],
                    "ratio_rss": est["estimate"] / measured["rss_growth"]}

@@ -355,8 +355,8 @@ class Plan:
                 fits += " (off)"
             ckpt = "-" if s.sharding == "single" else "on" if s.checkpointing else "off"
             rows.append([s.stage, shard, mb, "nf4" if s.qlora else "-", ckpt,
-                         fmt_bytes(s.weights), fmt_bytes(s.grads), fmt_bytes(s.optim), fmt_bytes(s.activations),
-                         fmt_bytes(s.kv_cache), fmt_bytes(s.total), fits])
+                         *(fmt_bytes(n) if n > 0 else "-" for n in (s.weights, s.grads, s.optim, s.activations,
+                                                                    s.kv_cache, s.total)), fits])
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         right = {5, 6, 7, 8, 9, 10}
 
