@@ -38,14 +38,14 @@ SIZES = {"micro": dict(b=16, s=128, ppo=(32, 64, 24, 16)),
          "small": dict(b=8, s=512, ppo=(16, 128, 48, 8))}
 
 
-def _configs(preset: str, stage: str, lora: bool, dtype: str = "fp32"):
+def _configs(preset: str, stage: str, lora: bool | str, dtype: str = "fp32"):
     from llama2_align.model import LoraSettings
     from llama2_align.stages.ppo import PPOConfig
     from llama2_align.stages.reward import RewardConfig
     from llama2_align.stages.sft import SFTConfig
 
     sz = SIZES[preset]
-    lo = LoraSettings(enabled=lora, r=8, alpha=16, dropout=0.0)
+    lo = LoraSettings(enabled=bool(lora), r=8, alpha=16, dropout=0.0, quantize="nf4" if lora == "qlora" else "none")
     if stage == "sft":
         return SFTConfig(micro_batch_size=sz["b"], batch_size=sz["b"], max_length=sz["s"], dtype=dtype, lora=lo)
     if stage == "reward":
@@ -55,7 +55,7 @@ def _configs(preset: str, stage: str, lora: bool, dtype: str = "fp32"):
                      score_batch_size=n, max_new_tokens=new, dtype=dtype, lora=lo), prompt
 
 
-def child(preset: str, stage: str, lora: bool, profiled: bool, device: str = "cpu") -> dict:
+def child(preset: str, stage: str, lora: bool | str, profiled: bool, device: str = "cpu") -> dict:
     import contextlib
     import resource
 
@@ -154,7 +154,7 @@ def child(preset: str, stage: str, lora: bool, profiled: bool, device: str = "cp
     return {"tensor_peak": peak}
 
 
-def estimate(preset: str, stage: str, lora: bool, device: str = "cpu") -> dict:
+def estimate(preset: str, stage: str, lora: bool | str, device: str = "cpu") -> dict:
     from llama2_align.plan import estimate as plan_estimate
     from llama2_align.plan import model_shape
 
@@ -174,15 +174,17 @@ def main() -> None:
     ap.add_argument("--presets", default="micro,tiny,small")
     ap.add_argument("--stages", default="sft,reward,ppo")
     ap.add_argument("--lora", action="store_true", help="LoRA (r 8, no dropout) instead of full fine-tuning")
+    ap.add_argument("--qlora", action="store_true", help="QLoRA: LoRA over a 4-bit NF4 base (bitsandbytes)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--child", nargs=5, metavar=("PRESET", "STAGE", "LORA", "PROFILED", "DEVICE"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.child[2] == "1", args.child[3] == "1",
-                               args.child[4])))
+        kind = {"0": False, "1": True, "q": "qlora"}[args.child[2]]
+        print(json.dumps(child(args.child[0], args.child[1], kind, args.child[3] == "1", args.child[4])))
         return
+    lora = "qlora" if args.qlora else args.lora
     rows = []
     mib = 2**20
     print(f"{'preset':<7}{'stage':<8}{'lora':<6}{'estimate':>11}{'tensor peak':>13}{'ratio':>7}{'RSS growth':>12}"
@@ -193,17 +195,18 @@ def main() -> None:
             measured = {}
             # CPU: the tensor peak under the profiler, RSS in a run without it (the profiler's own buffers); CUDA: one
             for profiled in ("1", "0") if args.device == "cpu" else ("0",):
-                out = subprocess.run([sys.executable, __file__, "--child", preset, stage, "1" if args.lora else "0",
-                                      profiled, args.device], capture_output=True, text=True, env=env, check=True)
+                flag = "q" if lora == "qlora" else "1" if lora else "0"
+                out = subprocess.run([sys.executable, __file__, "--child", preset, stage, flag, profiled, args.device],
+                                     capture_output=True, text=True, env=env, check=True)
                 measured.update(json.loads(out.stdout.strip().splitlines()[-1]))
-            est = estimate(preset, stage, args.lora, args.device)
-            row = {"preset": preset, "stage": stage, "lora": args.lora, **est, **measured,
+            est = estimate(preset, stage, lora, args.device)
+            row = {"preset": preset, "stage": stage, "lora": lora, **est, **measured,
                    "ratio_tensor": est["estimate"] / measured["tensor_peak"],
                    "ratio_rss": est["estimate"] / measured["rss_growth"]}
             rows.append(row)
             parts = " + ".join(f"{est[k] / mib:.1f}" for k in ("weights", "grads", "optim", "activations",
                                                                 "kv_cache"))
-            print(f"{preset:<7}{stage:<8}{'yes' if args.lora else 'no':<6}{est['estimate'] / mib:>9.1f}Mi"
+            print(f"{preset:<7}{stage:<8}{'q' if lora == 'qlora' else 'yes' if lora else 'no':<6}{est['estimate'] / mib:>9.1f}Mi"
                   f"{measured['tensor_peak'] / mib:>11.1f}Mi{row['ratio_tensor']:>7.2f}"
                   f"{measured['rss_growth'] / mib:>10.1f}Mi{row['ratio_rss']:>7.2f}   {parts}", flush=True)
     if args.json:

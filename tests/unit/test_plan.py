@@ -108,7 +108,7 @@ def test_activation_formula_matches_what_autograd_keeps(dtype, lora, ckpt):
     est = P.training_activation_bytes(shape, b * s, p, "lora" if settings else "full", settings, ckpt)
     if ckpt:  # the saved inputs only; the recomputed layer lives during backward, not in the forward's saves
         est -= b * s * P.layer_activation_bytes(shape, p, "lora" if settings else "full", settings)
-    assert 0.9 < est / measured < 1.12, (est, measured)
+    assert 0.95 < est / measured < 1.06, (est, measured)  # measured: 0.994 .. 1.034
 
 
 def test_demo_presets_fit_one_gpu_replicated():
