@@ -28,14 +28,15 @@ import torch  # noqa: E402
 
 def train_demo_model(root: Path, preset: str, steps: int) -> Path:
     from llama2_align.demo_world import DemoSizes, generate_demo_world, write_demo_datasets
-    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft, sft_config_for
+    from llama2_align.pipeline import preset_config
+    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft
     from llama2_align.tokenizer import train_tokenizer
 
     sizes = DemoSizes.micro() if preset == "micro" else DemoSizes()
     vocab = 512 if preset == "micro" else 1024
     write_demo_datasets(root / "data", seed=0, sizes=sizes)
     train_tokenizer(generate_demo_world(0, sizes).corpus_texts(), root / "tokenizer", vocab_size=vocab)
-    cfg = SFTConfig.model_validate({**sft_config_for(preset).model_dump(), "max_steps": steps, "batch_size": 16,
+    cfg = SFTConfig.model_validate({**preset_config("demo-tiny").sft.model_dump(), "max_steps": steps, "batch_size": 16,
                                     "micro_batch_size": 16, "logging_steps": 50, "eval_steps": 100000,
                                     "save_steps": 100000, "num_samples": 0, "progress_bar": False})
     run_sft(cfg, SFTInputs(base=preset, data=str(root / "data" / "sft.jsonl"), tokenizer=str(root / "tokenizer")),

@@ -291,6 +291,108 @@ def export(
 # --------------------------------------------------------------------------------------------------------------
 
 
+@app.command("plan", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+def plan(
+    preset: Annotated[str, typer.Option(
+        "--preset", help="Pipeline preset: demo-tiny, demo-micro, llama2-7b-lora, llama2-7b, llama2-13b-lora, "
+                         "llama2-70b-lora.")],
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs per node.", min=1)] = 1,
+    gpu_memory: Annotated[str, typer.Option("--gpu-memory", help="Memory of one GPU: 80GiB, 141GB, 40G, ...")
+                          ] = "80GiB",
+    nodes: Annotated[int, typer.Option("--nodes", help="Nodes (world size = nodes x gpus).", min=1)] = 1,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="JSON or YAML file with pipeline fields (as for `run`).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a field, e.g. --set ppo.micro_batch_size=4 (repeatable).")] = None,
+    rejection_sampling: Annotated[Optional[bool], typer.Option(
+        "--rejection-sampling/--no-rejection-sampling", help="Count rejection sampling (off by default).")] = None,
+    prompt_tokens: Annotated[Optional[int], typer.Option(
+        "--prompt-tokens", help="Longest prompt for PPO, rejection sampling and evaluation (default: 512, or the "
+                                "SFT max_length when shorter).", min=1)] = None,
+    reserve: Annotated[str, typer.Option(
+        "--reserve", help="Memory per GPU kept for the CUDA context, NCCL and fragmentation.")] = "2GiB",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Per-GPU memory of every stage (weights, gradients, optimizer, activations, KV cache) and the sharding,
+    micro-batch and QLoRA that make it fit. Exits 1, with the numbers, when a stage cannot fit."""
+    from pydantic import ValidationError
+
+    from .pipeline import PIPELINE_PRESETS, PipelineConfig, load_config_file, parse_override, resolve
+    from .plan import parse_memory, plan_pipeline
+
+    if preset not in PIPELINE_PRESETS:
+        fail(f"unknown preset {preset!r}; available presets: {', '.join(PIPELINE_PRESETS)}", EXIT_USAGE)
+    try:
+        fields = load_config_file(config) if config is not None else {}
+        fields["preset"] = preset
+        if rejection_sampling is not None:
+            fields["rejection_sampling"] = rejection_sampling
+        overrides = dict(fields.get("overrides") or {})
+        overrides.update(parse_override(item) for item in (set_ or []))
+        fields["overrides"] = overrides
+        resolved = resolve(PipelineConfig.model_validate(fields))
+        memory, reserved = parse_memory(gpu_memory), parse_memory(reserve) if reserve.strip() != "0" else 0
+    except FileNotFoundError as err:
+        fail(str(err), EXIT_USAGE)
+    except (ValidationError, ValueError) as err:
+        fail(f"invalid plan request: {err}", EXIT_USAGE)
+    result = plan_pipeline(resolved, gpus=gpus, gpu_memory=memory, nodes=nodes, reserve=reserved,
+                           prompt_tokens=prompt_tokens)
+    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else result.table())
+    if not result.fits:
+        bad = ", ".join(f"{s.stage} ({s.total / 2**30:,.1f} GiB > {s.budget / 2**30:,.1f} GiB)"
+                        for s in result.refused())
+        fail(f"the run cannot fit: {bad}", EXIT_REFUSED)
+
+
+@app.command("launch", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
+def launch(
+    spec: Annotated[Path, typer.Argument(help="JSON file: {stage, config, inputs, out_dir} (the stage's own config "
+                                              "and inputs fields; unset config fields take their defaults).")],
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        "--nproc-per-node", help="Processes (GPUs) on this node (default: the config's num_processes).", min=1)
+    ] = None,
+    num_nodes: Annotated[Optional[int], typer.Option("--num-nodes", help="Nodes in the job.", min=1)] = None,
+    node_rank: Annotated[Optional[int], typer.Option("--node-rank", help="This node's rank (0-based).", min=0)] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        "--rdzv-endpoint", help="HOST:PORT of the rendezvous, the same on every node (e.g. node 0:29400).")] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option(
+        "--rdzv-id", help="Job id, the same on every node (e.g. $SLURM_JOB_ID).")] = None,
+    rdzv_backend: Annotated[Optional[str], typer.Option(
+        "--rdzv-backend", help="c10d (torchrun assigns the ranks) or static (--node-rank does).")] = None,
+) -> None:
+    """Run one stage on this node under torchrun: one call per node of a multi-node job (Slurm srun, a Kubernetes
+    PyTorchJob, one Prefect flow run per node). Options override the config's `launch` settings."""
+    from pydantic import ValidationError
+
+    from .launch import LaunchError, LaunchSettings, _lookup, launch_settings, launch_stage
+
+    if not spec.is_file():
+        fail(f"{spec}: no such spec file", EXIT_USAGE)
+    try:
+        data = json.loads(spec.read_text())
+        for key in ("stage", "inputs", "out_dir"):
+            if key not in data:
+                raise ValueError(f"{spec}: missing {key!r}: expected {{stage, config, inputs, out_dir}}")
+        config_cls, inputs_cls, _ = _lookup(data["stage"])
+        config = config_cls.model_validate(data.get("config") or {})
+        inputs = inputs_cls.model_validate(data["inputs"])
+        given = dict(num_nodes=num_nodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
+                     rdzv_backend=rdzv_backend)
+        settings = LaunchSettings.model_validate({**launch_settings(config).model_dump(),
+                                                  **{k: v for k, v in given.items() if v is not None}})
+    except (ValidationError, ValueError) as err:
+        fail(f"invalid launch spec: {err}", EXIT_USAGE)
+    nproc = nproc_per_node or int(getattr(config, "num_processes", 1) or 1)
+    try:
+        result = launch_stage(data["stage"], config, inputs, data["out_dir"], nproc, log=typer.echo,
+                              backend=data.get("backend"), launch=settings)
+    except LaunchError as err:
+        fail(str(err), EXIT_REFUSED)
+    typer.echo(f"{result.stage}: done ({result.steps} steps, world size {result.provenance.get('world_size')}); "
+               f"output {result.final or result.out_dir}")
+
+
 @app.command("eval", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
 def evaluate(
     checkpoint: Annotated[list[str], typer.Option(

@@ -6,6 +6,11 @@ The parent side, :func:`launch_stage`, writes a small spec (stage, config, input
     python -m torch.distributed.run --standalone --nproc_per_node N --tee 3 --log-dir <out_dir>/.launch/logs \\
         -m llama2_align.launch <out_dir>/.launch/spec.json
 
+On several nodes (:class:`LaunchSettings`, the ``launch`` field of a stage config), the same command runs once per
+node with torchrun's c10d rendezvous instead of ``--standalone``: ``--nnodes M --rdzv_backend c10d
+--rdzv_endpoint HOST:PORT --rdzv_id ID`` (or the static rendezvous, where ``--node_rank R`` fixes the ranks).
+Every node must see ``out_dir`` (shared storage): rank 0 writes there and every node reads ``result.json`` back.
+
 streaming every output line (prefixed ``[rankR]``) into a log callback. On success it reads ``result.json`` back;
 on failure it raises :class:`LaunchError` (a ``RuntimeError``) with the exit code, the failing rank's exception and
 the last lines of output.
@@ -28,9 +33,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 from .errors import ConfigError, InputError
 from .procs import die_with_parent, set_parent_death_signal
@@ -53,6 +58,60 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
 _TORCHRUN_PREFIX = re.compile(r"^\[default(\d+)\]:")
 
 
+class LaunchSettings(BaseModel):
+    """Where a launched stage's processes run: this node's place in a multi-node job (torchrun's c10d rendezvous).
+
+    ``num_processes`` (the stage config's own field) stays the processes per node. With ``num_nodes`` 1 the stage
+    runs under ``torchrun --standalone``; with more, every node runs the same launch with its own ``node_rank`` and
+    the same ``rdzv_endpoint`` (a host every node reaches, usually node 0's, and a free port) and ``rdzv_id``."""
+
+    num_nodes: int = Field(1, ge=1, description="nodes in the job (torchrun --nnodes)")
+    node_rank: int = Field(0, ge=0, description="this node's rank, 0 .. num_nodes-1: names its logs; with the static "
+                                                "rendezvous it also fixes its global ranks (torchrun --node_rank)")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the c10d rendezvous (needed on >1 node)")
+    rdzv_id: str = Field("llama2-align", pattern=r"^[A-Za-z0-9._-]+$",
+                         description="job id shared by every node of one launch (a new one per job)")
+    rdzv_timeout_s: int = Field(900, ge=1, description="how long a node waits for the others to join")
+    rdzv_backend: Literal["c10d", "static"] = Field(
+        "c10d", description="c10d: torchrun hands out the global ranks itself (nodes ordered by address); static: "
+                            "node_rank decides and the endpoint is node 0's master address")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.node_rank >= self.num_nodes:
+            raise ValueError(f"launch.node_rank ({self.node_rank}) must be below launch.num_nodes ({self.num_nodes})")
+        if self.num_nodes > 1:
+            if not self.rdzv_endpoint:
+                raise ValueError("launch.rdzv_endpoint (HOST:PORT, reachable from every node) is needed when "
+                                 f"launch.num_nodes is {self.num_nodes}")
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"launch.rdzv_endpoint {self.rdzv_endpoint!r}: expected HOST:PORT, e.g. "
+                                 "node0.cluster:29400")
+        return self
+
+    @property
+    def multi_node(self) -> bool:
+        return self.num_nodes > 1
+
+    def torchrun_args(self, nproc_per_node: int) -> list[str]:
+        """torchrun's arguments for this node."""
+        if not self.multi_node:
+            return ["--standalone", f"--nproc_per_node={nproc_per_node}"]
+        args = [f"--nnodes={self.num_nodes}", f"--nproc_per_node={nproc_per_node}",
+                f"--rdzv_backend={self.rdzv_backend}", f"--rdzv_endpoint={self.rdzv_endpoint}",
+                f"--rdzv_id={self.rdzv_id}", f"--rdzv_conf=join_timeout={self.rdzv_timeout_s}", "--max_restarts=0"]
+        if self.rdzv_backend == "static":  # c10d ignores --node_rank (torchrun warns)
+            args.insert(1, f"--node_rank={self.node_rank}")
+        return args
+
+
+def launch_settings(config: Any) -> LaunchSettings:
+    """A stage config's launch settings (the defaults, one node, when it has none)."""
+    launch = getattr(config, "launch", None)
+    return launch if isinstance(launch, LaunchSettings) else LaunchSettings()
+
+
 class LaunchError(RuntimeError):
     """A launched stage failed. ``validation_error`` is true when the failing rank refused its inputs (a data or
     config error: retrying cannot help)."""
@@ -69,8 +128,8 @@ class LaunchError(RuntimeError):
 
 
 def should_launch(config: Any) -> bool:
-    """A stage runs under torchrun when its config asks for more than one process."""
-    return int(getattr(config, "num_processes", 1) or 1) > 1
+    """A stage runs under torchrun when its config asks for more than one process, or for more than one node."""
+    return int(getattr(config, "num_processes", 1) or 1) > 1 or launch_settings(config).multi_node
 
 
 def stage_key(stage: str) -> str:
@@ -105,8 +164,11 @@ def _error_files(launch_dir: Path) -> list[Path]:
 
 def launch_stage(stage: str, config: BaseModel, inputs: BaseModel, out_dir: str | Path, num_processes: int,
                  log: Callable[[str], None] = print, backend: str | None = None,
-                 progress: ProgressFn | None = None) -> StageResult:
-    """Run ``stage`` on ``num_processes`` processes under torchrun; return its result (at once when complete)."""
+                 progress: ProgressFn | None = None, launch: LaunchSettings | None = None) -> StageResult:
+    """Run ``stage`` on ``num_processes`` processes (per node) under torchrun; return its result (at once when
+    complete). ``launch`` (default: the config's ``launch`` field) places this call in a multi-node job: call it
+    once on every node, each with its own ``node_rank``."""
+    launch = launch or launch_settings(config)
     out_dir = Path(out_dir).resolve()
     done = load_result(out_dir)
     if done is not None:
@@ -114,8 +176,9 @@ def launch_stage(stage: str, config: BaseModel, inputs: BaseModel, out_dir: str 
     stage_key(stage)  # an unknown stage fails here, not in N subprocesses
     launch_dir = out_dir / LAUNCH_DIR
     launch_dir.mkdir(parents=True, exist_ok=True)
-    for old in _error_files(launch_dir):
-        old.unlink(missing_ok=True)
+    if launch.node_rank == 0:
+        for old in _error_files(launch_dir):
+            old.unlink(missing_ok=True)
     spec = {"stage": stage, "config": config.model_dump(mode="json"), "inputs": inputs.model_dump(mode="json"),
             "out_dir": str(out_dir), "backend": backend or default_backend()}
     spec_path = launch_dir / SPEC_FILE
@@ -123,10 +186,13 @@ def launch_stage(stage: str, config: BaseModel, inputs: BaseModel, out_dir: str 
     tmp.write_text(json.dumps(spec, indent=2))
     os.replace(tmp, spec_path)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-           "--tee=3", f"--log-dir={launch_dir / 'logs'}", "-m", "llama2_align.launch", str(spec_path)]
+    logs = launch_dir / "logs" / (f"node{launch.node_rank}" if launch.multi_node else "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch.torchrun_args(num_processes),
+           "--tee=3", f"--log-dir={logs}", "-m", "llama2_align.launch", str(spec_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log(f"{stage}: launching {num_processes} processes ({spec['backend']}): {' '.join(cmd[1:])}")
+    where = f" on node {launch.node_rank} of {launch.num_nodes}" if launch.multi_node else ""
+    label = f"node{launch.node_rank}." if launch.multi_node else "rank"
+    log(f"{stage}: launching {num_processes} processes{where} ({spec['backend']}): {' '.join(cmd[1:])}")
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     # torchrun gets SIGTERM when this process dies (even by SIGKILL) and stops its ranks; the ranks die with it
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -144,7 +210,7 @@ def launch_stage(stage: str, config: BaseModel, inputs: BaseModel, out_dir: str 
                     continue
                 if body.startswith(PROGRESS_MARKER):
                     continue
-                line = f"[rank{m.group(1)}] {body}" if m else line
+                line = f"[{label}{m.group(1)}] {body}" if m else line
                 tail.append(line)
                 log(line)
             rc = proc.wait()
@@ -158,8 +224,10 @@ def launch_stage(stage: str, config: BaseModel, inputs: BaseModel, out_dir: str 
     if rc == 0:
         result = load_result(out_dir)
         if result is None:
-            raise LaunchError(f"{stage}: torchrun exited with code 0 but wrote no {out_dir / 'result.json'}", rc,
-                              tail=list(tail))
+            shared = (f" (node {launch.node_rank}: out_dir must be on storage every node shares)"
+                      if launch.multi_node else "")
+            raise LaunchError(f"{stage}: torchrun exited with code 0 but wrote no {out_dir / 'result.json'}{shared}",
+                              rc, tail=list(tail))
         return result
     error = None
     for f in _error_files(launch_dir):
@@ -169,7 +237,7 @@ def launch_stage(stage: str, config: BaseModel, inputs: BaseModel, out_dir: str 
         except (OSError, ValueError):
             continue
     what = f": rank {error['rank']} raised {error['type']}: {error['message']}" if error else ""
-    raise LaunchError(f"{stage}: torchrun ({num_processes} processes) failed with exit code {rc}{what}\n"
+    raise LaunchError(f"{stage}: torchrun ({num_processes} processes{where}) failed with exit code {rc}{what}\n"
                       f"--- last {len(tail)} lines of output ---\n" + "\n".join(tail), rc, error, list(tail))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -71,17 +71,32 @@ PRESETS: dict[str, dict] = {
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# QLoRA: the frozen base's linear layers of the decoder blocks in 4-bit NF4 (bitsandbytes), double-quantized
+# constants, compute in the model's dtype; the LM head and the scalar head stay in full precision.
+Quantize = Literal["none", "nf4"]
+QUANT_SKIP_MODULES = ["lm_head", "score"]
+
+
 class LoraSettings(BaseModel):
-    """LoRA for any role, configured once. Default targets: every linear projection of the Llama block."""
+    """LoRA for any role, configured once. Default targets: every linear projection of the Llama block.
+
+    ``quantize="nf4"`` is QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes) under the adapters."""
 
     model_config = ConfigDict(extra="forbid")
-
 
     enabled: bool = False
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    quantize: Quantize = Field("none", description="nf4: QLoRA, a 4-bit NF4 frozen base (needs enabled: true)")
+
+    @model_validator(mode="after")
+    def _quantize_needs_lora(self):
+        if self.quantize != "none" and not self.enabled:
+            raise ValueError(f"lora.quantize={self.quantize!r} quantizes the frozen base under LoRA adapters: it "
+                             "needs lora.enabled=true (a fully trained model cannot be 4-bit)")
+        return self
 
     def peft_config(self, role: str):
         from peft import LoraConfig, TaskType
@@ -311,6 +326,80 @@ def _load_full(source: str | Path, role: str, dtype: torch.dtype, vocab_size: in
     return PeftModel.from_pretrained(base, str(source)).merge_and_unload()
 
 
+def _require_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("lora.quantize='nf4' (QLoRA) needs bitsandbytes: pip install 'llama2-align[qlora]' "
+                          "(bitsandbytes >= 0.48 has CPU and CUDA 4-bit kernels)") from exc
+
+
+def bnb_config(compute_dtype: torch.dtype):
+    """transformers' quantization config of QLoRA's frozen base: NF4, double-quantized constants."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=list(QUANT_SKIP_MODULES))
+
+
+def _quantize_nf4_(model: nn.Module, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Replace the decoder's linear layers of a loaded model by bitsandbytes 4-bit NF4 layers, in place (the path
+    for sources that from_pretrained cannot quantize while loading: presets, Meta checkpoints, merged adapters)."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in QUANT_SKIP_MODULES:
+            continue
+        with torch.device("meta"):
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4")
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        model.set_submodule(name, q.to(device))  # Params4bit quantizes as it moves
+
+
+def _load_quantized(source: str | Path, role: str, dtype: torch.dtype, device: torch.device,
+                    vocab_size: int | None, seed: int, attn_implementation: str) -> PreTrainedModel:
+    """QLoRA's frozen base: the decoder's linear layers in 4-bit NF4 on ``device``, prepared for k-bit training
+    (peft's ``prepare_model_for_kbit_training``: everything not quantized in float32, all of it frozen)."""
+    _require_bitsandbytes()
+    from peft import prepare_model_for_kbit_training
+
+    if source_kind(source) == "hf":  # transformers quantizes tensor by tensor while loading
+        config = _prepare_config(LlamaConfig.from_pretrained(source), role)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model = _model_class(role).from_pretrained(
+                source, config=config, dtype=dtype, attn_implementation=attn_implementation,
+                quantization_config=bnb_config(dtype), device_map={"": str(device)})
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    else:
+        model = _load_full(source, role, dtype, vocab_size, seed, attn_implementation)
+        _quantize_nf4_(model, dtype, device)
+        model.to(device)
+    for module in model.modules():
+        # bitsandbytes' packed CPU inference kernel needs output sizes that are multiples of 32 and repacks the
+        # weights in place on the first no-grad call; the plain 4-bit kernel serves every shape, in both modes.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when the model's base holds 4-bit (bitsandbytes) layers."""
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def _load_model(source, role, dtype, device, vocab_size, seed, attn_implementation, quantize: str):
+    if quantize == "nf4":
+        return _load_quantized(source, role, dtype, device, vocab_size, seed, attn_implementation)
+    return _load_full(source, role, dtype, vocab_size, seed, attn_implementation)
+
+
 def build_model(
     source: str | Path,
     role: Role = "policy",
@@ -323,6 +412,7 @@ def build_model(
     gradient_checkpointing: bool = False,
     attn_implementation: str = "sdpa",
     continue_adapter: bool = True,
+    quantize: Quantize | None = None,
 ) -> nn.Module:
     """The one factory for every role.
 
@@ -335,20 +425,35 @@ def build_model(
     or a reward/value model made from a LoRA SFT checkpoint) the adapter is merged into its base first, so new
     adapters sit on top of exactly the input model: with LoRA, "adapters off" is then that model, e.g. the SFT
     policy as PPO's reference, with one copy of the base in memory.
+
+    QLoRA: with ``lora.quantize="nf4"`` the frozen base under the new adapters is 4-bit NF4 (bitsandbytes). A
+    continued adapter that was trained so (its saved record says ``"quantize": "nf4"``) is loaded over a 4-bit base
+    again. ``quantize`` overrides both (``"none"``: full precision, e.g. to merge and export).
     """
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     trainable = role != "reference"
     new_lora = lora is not None and lora.enabled and trainable
+    continuing = (source_kind(source) == "adapter" and continue_adapter and not new_lora
+                  and _same_family(_adapter_role(source), role))
+    if quantize is not None:
+        quant = quantize
+    elif new_lora:
+        quant = lora.quantize
+    else:
+        quant = read_model_meta(source).get("quantize", "none") if continuing and trainable else "none"
+    if quant != "none" and not (new_lora or continuing):
+        raise ValueError(f"quantize={quant!r} ({source}, role {role}): a 4-bit base is only for LoRA adapters "
+                         "(QLoRA): enable lora, or load a saved adapter")
 
-    if (source_kind(source) == "adapter" and continue_adapter and not new_lora
-            and _same_family(_adapter_role(source), role)):
+    if continuing:
         from peft import PeftModel
 
-        base = _load_full(adapter_base(source), role, torch_dtype, vocab_size, seed, attn_implementation)
+        base = _load_model(adapter_base(source), role, torch_dtype, device, vocab_size, seed, attn_implementation,
+                           quant)
         model = PeftModel.from_pretrained(base, str(source), is_trainable=trainable)
     else:
-        model = _load_full(source, role, torch_dtype, vocab_size, seed, attn_implementation)
+        model = _load_model(source, role, torch_dtype, device, vocab_size, seed, attn_implementation, quant)
         if new_lora:
             from peft import get_peft_model
 
@@ -447,6 +552,7 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None, *, role: s
     with atomic_dir(out_dir) as tmp:
         meta = {"role": role, "adapter": is_peft(model)}
         if is_peft(model):
+            meta["quantize"] = "nf4" if is_quantized(model) else "none"  # the base the adapter was trained on
             if base is None:
                 raise ValueError("saving a LoRA adapter needs the path of its base model")
             meta["base"] = str(Path(base).resolve()) if Path(base).exists() else str(base)
@@ -470,5 +576,5 @@ def merge_lora(model: nn.Module) -> PreTrainedModel:
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path, role: Role = "policy", tokenizer=None) -> Path:
     """Merge a saved adapter into its base and write a plain HF directory."""
-    model = build_model(adapter_dir, role, device="cpu", dtype="fp32")
+    model = build_model(adapter_dir, role, device="cpu", dtype="fp32", quantize="none")
     return save_model(merge_lora(model), out_dir, tokenizer, role=role)

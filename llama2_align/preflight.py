@@ -11,7 +11,8 @@ no run directory behind. What it checks:
   files (each exists and is a file);
 - every data file against its contract (``data.read_records``: every bad record as ``file:line: field: ...``), the
   preference data holding pairs of both categories, and one judge for the eval records (``evaluate.judge_kind``);
-- settings that cannot work together (PPO prompts that do not divide among its processes).
+- settings that cannot work together (PPO prompts that do not divide among its processes);
+- on GPUs, the memory plan (``llama2-align plan``): a run whose stages cannot fit is refused with the numbers.
 
 Problems are collected, not stopped at the first, and raised as one error: a :class:`ConfigError` when any of them
 is about the config itself (the command line exits 2), else an :class:`InputError` (exit 1).
@@ -59,6 +60,7 @@ def preflight(config: PipelineConfig) -> ResolvedPipeline:
         problems.usage.append(f"{given} given but data.source is 'demo': set data.source=files to use your files")
     check_stage_settings(cfg, problems)
     problems.raise_if_any()
+    check_memory(cfg)
     return cfg
 
 
@@ -134,6 +136,24 @@ def _read_checked(field: str, path: str, kind: str, problems: Problems) -> list:
     except InputError as err:
         problems.inputs.append(f"data.{field}: {err}")
     return []
+
+
+def check_memory(cfg: ResolvedPipeline, gpus: int | None = None, gpu_memory: int | None = None) -> None:
+    """On GPUs, the memory plan (``llama2_align.plan``, what ``llama2-align plan`` prints): a run that cannot fit is
+    refused with its table (``PlanRefused``, an input error) instead of running out of memory hours in. ``gpus`` and
+    ``gpu_memory`` default to this machine's (CUDA); on a machine without CUDA there is nothing to check."""
+    import torch
+
+    from .plan import check_plan
+
+    if gpus is None:
+        if not torch.cuda.is_available():
+            return
+        gpus = torch.cuda.device_count()
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    nodes = max(getattr(cfg, s).launch.num_nodes for s in ("sft", "reward_helpfulness", "reward_safety",
+                                                                        "ppo"))
+    check_plan(cfg, gpus=gpus, gpu_memory=gpu_memory, nodes=nodes)
 
 
 def check_stage_settings(cfg: ResolvedPipeline, problems: Problems) -> None:

@@ -68,12 +68,15 @@ GPU = {
 }
 WITH_LORA = {key: LORA for key in ("sft.lora", "reward_helpfulness.lora", "reward_safety.lora", "ppo.lora",
                                    "rejection_sampling.sft.lora")}
-# 70B: micro-batch 1, the paper's RM learning rate for 70B and its smaller KL penalty.
+# 70B: micro-batch 1, the paper's RM learning rate for 70B and its smaller KL penalty. The memory plan
+# (`llama2-align plan`): even on 8 x 80 GiB, PPO's five 70B roles fit only with the policy's and the value model's
+# bases in 4 bits (QLoRA); the reward models stay bf16.
 LLAMA2_70B = {
     "sft.micro_batch_size": 1, "rejection_sampling.sft.micro_batch_size": 1,
     **both_reward_models({"micro_batch_size": 1, "learning_rate": 5e-6}),
     "ppo.kl_beta": 0.005,
 }
+QLORA_PPO = {"ppo.lora": {**LORA, "quantize": "nf4"}}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "demo-tiny": {
@@ -97,5 +100,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b-lora": {"base_model": "/models/llama2-7b-hf", **GPU, **WITH_LORA},
     "llama2-7b": {"base_model": "/models/llama2-7b-hf", **GPU},
     "llama2-13b-lora": {"base_model": "/models/llama2-13b-hf", **GPU, **WITH_LORA},
-    "llama2-70b-lora": {"base_model": "/models/llama2-70b-hf", **GPU, **WITH_LORA, **LLAMA2_70B},
+    "llama2-70b-lora": {"base_model": "/models/llama2-70b-hf", **GPU, **WITH_LORA, **LLAMA2_70B, **QLORA_PPO},
 }

@@ -37,6 +37,7 @@ from ..data import PromptRecord, read_records
 from ..errors import ConfigError
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
+from ..launch import LaunchSettings
 from ..model import LoraSettings, Reference, build_model, build_reference, is_peft, save_model, unwrap
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, StageOutput, StageRun, Timer, checkpoint_step,
@@ -102,6 +103,8 @@ class PPOConfig(BaseModel):
     num_samples: int = Field(6, ge=0)
     seed: int = 0
     num_processes: int = Field(1, ge=1)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="multi-node: nodes, this node's rank, "
+                                   "the rendezvous (num_processes is then per node)")
 
     def smaller(self) -> "PPOConfig | None":
         """The OOM back-off: half the micro-batch (more accumulation, same mini-batch) and half the generation and

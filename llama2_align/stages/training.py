@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from .. import dist
 from ..io import append_jsonl
+from ..launch import LaunchSettings
 from ..model import LoraSettings
 from .common import METRICS_FILE, STAGING_DIR, StageRun, prune_checkpoints
 
@@ -52,6 +53,8 @@ class TrainStageConfig(BaseModel):
     dtype: str = "auto"
     seed: int = 0
     num_processes: int = Field(1, ge=1, description="processes (GPUs) to run the stage on, via torchrun")
+    launch: LaunchSettings = Field(default_factory=LaunchSettings, description="multi-node: nodes, this node's rank, "
+                                   "the rendezvous (num_processes is then per node)")
     fsdp: bool = Field(False, description="shard the model with FSDP instead of DDP when num_processes > 1")
     progress_bar: bool = True
 

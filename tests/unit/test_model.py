@@ -350,3 +350,52 @@ def test_build_model_dtype_override(policy_dir):
     assert next(build_model(policy_dir, "reward", device="cpu", dtype="bf16").parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         build_model("micro", "policy", device="cpu", dtype="float7")
+
+
+# --- QLoRA ---------------------------------------------------------------------------------------------------------
+
+
+def test_qlora_setting_needs_lora():
+    assert M.LoraSettings(enabled=True, quantize="nf4").quantize == "nf4"
+    assert M.LoraSettings().quantize == "none"
+    with pytest.raises(ValueError, match="needs lora.enabled=true"):
+        M.LoraSettings(quantize="nf4")
+    with pytest.raises(ValueError):
+        M.LoraSettings(enabled=True, quantize="int3")
+
+
+def test_qlora_is_selectable_per_stage_config():
+    from llama2_align.stages.ppo import PPOConfig
+    from llama2_align.stages.sft import SFTConfig
+
+    assert SFTConfig(lora={"enabled": True, "quantize": "nf4"}).lora.quantize == "nf4"
+    with pytest.raises(ValueError, match="lora.quantize"):
+        PPOConfig(lora={"quantize": "nf4"})
+
+
+def test_a_4bit_base_without_lora_is_refused():
+    with pytest.raises(ValueError, match="only for LoRA adapters"):
+        M.build_model("micro", "policy", quantize="nf4", device="cpu")
+
+
+def test_qlora_without_bitsandbytes_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(ImportError, match=r"llama2-align\[qlora\]"):
+        M.build_model("micro", "policy", lora=M.LoraSettings(enabled=True, quantize="nf4"), device="cpu")
+
+
+def test_qlora_base_is_4bit_and_only_adapters_train():
+    pytest.importorskip("bitsandbytes")
+    model = M.build_model("micro", "value", lora=M.LoraSettings(enabled=True, quantize="nf4"), dtype="fp32",
+                          device="cpu", vocab_size=300)
+    assert M.is_quantized(model) and M.is_peft(model)
+    names = {type(m).__name__ for m in M.unwrap(model).model.layers[0].modules()}
+    assert "Linear4bit" in names
+    assert type(M.unwrap(model).score).__name__ != "Linear4bit"  # the heads stay in full precision
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "score" in n for n in trained)
+    out = model(input_ids=torch.tensor([[1, 5, 9, 2]]))
+    out.logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)

@@ -341,3 +341,14 @@ def test_console_progress_without_a_terminal_prints_a_line_per_ten_percent(capsy
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 10 and "sft:  10% (step 5/50) loss=0.2" in lines[0] and "100% (step 50/50)" in lines[-1]
     assert all("elapsed" in line and "eta" in line for line in lines)
+
+
+def test_a_run_that_cannot_fit_the_gpus_is_refused_with_the_plan():
+    from llama2_align.pipeline import preset_config
+    from llama2_align.plan import PlanRefused
+    from llama2_align.preflight import check_memory
+
+    with pytest.raises(PlanRefused, match="cannot fit") as err:
+        check_memory(preset_config("llama2-70b-lora"), gpus=8, gpu_memory=80 * 2**30)
+    assert "eval" in str(err.value) and "GiB" in str(err.value)
+    check_memory(preset_config("llama2-7b-lora"), gpus=1, gpu_memory=80 * 2**30)  # fits: no error
