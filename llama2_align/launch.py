@@ -33,10 +33,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel
 
+from .dist import LaunchSettings  # noqa: F401 - the stage configs' launch field, re-exported for callers here
 from .errors import ConfigError, InputError
 from .procs import die_with_parent, set_parent_death_signal
 from .stages.common import ProgressFn, StageResult, load_result
@@ -56,54 +57,6 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
 }
 
 _TORCHRUN_PREFIX = re.compile(r"^\[default(\d+)\]:")
-
-
-class LaunchSettings(BaseModel):
-    """Where a launched stage's processes run: this node's place in a multi-node job (torchrun's c10d rendezvous).
-
-    ``num_processes`` (the stage config's own field) stays the processes per node. With ``num_nodes`` 1 the stage
-    runs under ``torchrun --standalone``; with more, every node runs the same launch with its own ``node_rank`` and
-    the same ``rdzv_endpoint`` (a host every node reaches, usually node 0's, and a free port) and ``rdzv_id``."""
-
-    num_nodes: int = Field(1, ge=1, description="nodes in the job (torchrun --nnodes)")
-    node_rank: int = Field(0, ge=0, description="this node's rank, 0 .. num_nodes-1: names its logs; with the static "
-                                                "rendezvous it also fixes its global ranks (torchrun --node_rank)")
-    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the c10d rendezvous (needed on >1 node)")
-    rdzv_id: str = Field("llama2-align", pattern=r"^[A-Za-z0-9._-]+$",
-                         description="job id shared by every node of one launch (a new one per job)")
-    rdzv_timeout_s: int = Field(900, ge=1, description="how long a node waits for the others to join")
-    rdzv_backend: Literal["c10d", "static"] = Field(
-        "c10d", description="c10d: torchrun hands out the global ranks itself (nodes ordered by address); static: "
-                            "node_rank decides and the endpoint is node 0's master address")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.node_rank >= self.num_nodes:
-            raise ValueError(f"launch.node_rank ({self.node_rank}) must be below launch.num_nodes ({self.num_nodes})")
-        if self.num_nodes > 1:
-            if not self.rdzv_endpoint:
-                raise ValueError("launch.rdzv_endpoint (HOST:PORT, reachable from every node) is needed when "
-                                 f"launch.num_nodes is {self.num_nodes}")
-            host, _, port = self.rdzv_endpoint.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"launch.rdzv_endpoint {self.rdzv_endpoint!r}: expected HOST:PORT, e.g. "
-                                 "node0.cluster:29400")
-        return self
-
-    @property
-    def multi_node(self) -> bool:
-        return self.num_nodes > 1
-
-    def torchrun_args(self, nproc_per_node: int) -> list[str]:
-        """torchrun's arguments for this node."""
-        if not self.multi_node:
-            return ["--standalone", f"--nproc_per_node={nproc_per_node}"]
-        args = [f"--nnodes={self.num_nodes}", f"--nproc_per_node={nproc_per_node}",
-                f"--rdzv_backend={self.rdzv_backend}", f"--rdzv_endpoint={self.rdzv_endpoint}",
-                f"--rdzv_id={self.rdzv_id}", f"--rdzv_conf=join_timeout={self.rdzv_timeout_s}", "--max_restarts=0"]
-        if self.rdzv_backend == "static":  # c10d ignores --node_rank (torchrun warns)
-            args.insert(1, f"--node_rank={self.node_rank}")
-        return args
 
 
 def launch_settings(config: Any) -> LaunchSettings:

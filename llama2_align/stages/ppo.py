@@ -37,7 +37,7 @@ from ..data import PromptRecord, read_records
 from ..errors import ConfigError
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
-from ..launch import LaunchSettings
+from ..dist import LaunchSettings
 from ..model import LoraSettings, Reference, build_model, build_reference, is_peft, save_model, unwrap
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, StageOutput, StageRun, Timer, checkpoint_step,

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from .. import dist
 from ..io import append_jsonl
-from ..launch import LaunchSettings
+from ..dist import LaunchSettings
 from ..model import LoraSettings
 from .common import METRICS_FILE, STAGING_DIR, StageRun, prune_checkpoints
 
