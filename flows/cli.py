@@ -19,10 +19,10 @@ import typer
 from llama2_align.cli import EXIT_CODES_HELP, EXIT_REFUSED, EXIT_USAGE, PIPELINE_PANEL, app, fail
 
 
-def _preflight(preset, config, set_, run_name, runs_root, rejection_sampling, check_inputs: bool = True):
+def _preflight(config: Path | None, set_: list[str] | None, given: dict, check_inputs: bool = True):
     """The PipelineConfig from a config file and the command line, and its pre-flight (``llama2_align.preflight``;
-    the config alone when not ``check_inputs``): a config problem exits 2, an input problem (a missing file, a bad
-    record) exits 1; nothing has been written."""
+    the config alone when not ``check_inputs``). ``given``: the fields set by command-line options (None: not set).
+    A config problem exits 2, an input problem (a missing file, a bad record) exits 1; nothing has been written."""
     from pydantic import ValidationError
 
     from llama2_align.errors import ConfigError, InputError
@@ -31,8 +31,6 @@ def _preflight(preset, config, set_, run_name, runs_root, rejection_sampling, ch
 
     try:
         fields = load_config_file(config) if config is not None else {}
-        given = {"preset": preset, "run_name": run_name, "runs_root": runs_root,
-                 "rejection_sampling": rejection_sampling}
         fields.update({k: v for k, v in given.items() if v is not None})
         overrides = dict(fields.get("overrides") or {})
         overrides.update(parse_override(item) for item in (set_ or []))
@@ -79,6 +77,8 @@ def run(
     runs_root: Annotated[Optional[str], typer.Option("--runs-root", help="Parent of run directories.")] = None,
     rejection_sampling: Annotated[Optional[bool], typer.Option(
         "--rejection-sampling/--no-rejection-sampling", help="SFT -> RS -> PPO instead of SFT -> PPO.")] = None,
+    export: Annotated[Optional[bool], typer.Option(
+        "--export/--no-export", help="Export the final policy (an HF directory and a GGUF file) at the end.")] = None,
     print_config: Annotated[bool, typer.Option(
         "--print-config", help="Print the fully resolved config (every stage's settings) as JSON and exit.")] = False,
 ) -> None:
@@ -86,8 +86,10 @@ def run(
 
     Everything that can be checked is checked first (config, paths, data files); a refused run writes nothing. A
     stage that fails prints one paragraph (the stage, the error, the log file with the traceback, how to resume)."""
+    given = {"preset": preset, "run_name": run_name, "runs_root": runs_root, "rejection_sampling": rejection_sampling,
+             "export": export}
     if print_config:
-        _, resolved = _preflight(preset, config, set_, run_name, runs_root, rejection_sampling, check_inputs=False)
+        _, resolved = _preflight(config, set_, given, check_inputs=False)
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
         return
     # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
@@ -100,7 +102,7 @@ def run(
 
     local_api.start_early()  # the local API server (when no API URL is set) starts while torch imports
     try:
-        pipeline_config, resolved = _preflight(preset, config, set_, run_name, runs_root, rejection_sampling)
+        pipeline_config, resolved = _preflight(config, set_, given)
     except typer.Exit:
         local_api.stop()  # refused: nothing was written, and no server is left behind
         raise

@@ -1,7 +1,7 @@
 """The full Llama 2 alignment recipe as one flow; it reads like the DAG:
 
     data (demo world or files) -> tokenizer -> SFT -> {helpfulness RM, safety RM} -> [rejection sampling] -> PPO
-    -> evaluation (SFT vs final policy) -> report
+    -> evaluation (SFT vs final policy) -> [export: HF directory, GGUF file] -> report
 
 Every stage is a retryable, cached task. A failed stage stops its dependents, is named in the error and in
 report.json; a re-run with the same parameters is served from the cache for every finished stage.
@@ -17,11 +17,13 @@ from llama2_align.io import run_lock
 from llama2_align.pipeline import PipelineConfig
 from llama2_align.preflight import preflight
 from llama2_align.stages.evaluate import EvalInputs
+from llama2_align.stages.export import ExportInputs
 from llama2_align.stages.ppo import PPOInputs
 from llama2_align.stages.rejection_sampling import RSInputs
 from llama2_align.stages.reward import RewardInputs
 from llama2_align.stages.sft import SFTInputs
 from tasks.evaluate import eval_task
+from tasks.export import export_task
 from tasks.ppo import ppo_task
 from tasks.rejection_sampling import rejection_sampling_task
 from tasks.report import report_task
@@ -60,7 +62,9 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                                 prompts=data["eval"], reward_helpfulness=rm_h,
                                                                 reward_safety=rm_s), stages.dir("eval"))
 
-        trained = {k: v for k, v in stages.results.items() if k != "data"}
-        out = report_task(cfg.run_dir, cfg.preset, trained, ev, "ppo")
+        if cfg.export.enabled:
+            stages.run("export", export_task, cfg.export, ExportInputs(checkpoint=ppo["final"]), stages.dir("export"))
+        out = report_task(cfg.run_dir, cfg.preset, {k: v for k, v in stages.results.items() if k != "data"}, ev,
+                          "ppo")
         say(f"pipeline finished; report: {out['report_md']}")
         return out

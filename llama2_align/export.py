@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from .chat import LLAMA2_CHAT_TEMPLATE_PLAIN
+from .errors import InputError
 
 ExportFormat = Literal["hf", "gguf"]
 GgufType = Literal["f16", "q8_0"]
@@ -35,7 +36,7 @@ GGUF_TYPES: tuple[str, ...] = ("f16", "q8_0")
 HF_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The checkpoint cannot be exported as asked (says which file or field, and what was expected)."""
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import ConfigError
 from .presets import PRESETS
 from .stages.evaluate import EvalConfig
+from .stages.export import ExportConfig
 from .stages.ppo import PPOConfig
 from .stages.rejection_sampling import RejectionSamplingConfig
 from .stages.reward import RewardConfig
@@ -60,6 +61,7 @@ class ResolvedPipeline(BaseModel):
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
 
 class PipelineConfig(BaseModel):
@@ -76,6 +78,7 @@ class PipelineConfig(BaseModel):
     base_model: str | None = Field(None, description="a model preset or a local HF/Meta checkpoint directory")
     data: DataSettings | None = None
     rejection_sampling: bool | None = Field(None, description="run SFT -> RS -> PPO instead of SFT -> PPO")
+    export: bool | None = Field(None, description="export the final policy (HF directory and GGUF file) at the end")
     concurrent_reward_models: bool | None = Field(
         None, description="train both reward models at once (default: on a GPU machine or a CPU with >= 8 cores)")
     overrides: dict[str, Any] = Field(default_factory=dict,
@@ -128,6 +131,8 @@ def resolve(config: PipelineConfig) -> ResolvedPipeline:
         tree["data"] = config.data.model_dump()
     if config.rejection_sampling is not None:
         tree["rejection_sampling"]["enabled"] = config.rejection_sampling
+    if config.export is not None:
+        tree["export"]["enabled"] = config.export
     for key, value in config.overrides.items():
         _set_path(tree, key, value, known)
     tree["reward_helpfulness"]["kind"] = "helpfulness"

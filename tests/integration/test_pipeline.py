@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("sft", "reward-helpfulness", "reward-safety", "ppo", "eval")
+STAGES = ("sft", "reward-helpfulness", "reward-safety", "ppo", "eval", "export")
 
 
 def _task_states(flow_run_id) -> dict[str, str]:
@@ -33,7 +33,7 @@ def test_pipeline_micro_runs_reports_and_caches(prefect_server, tmp_path):
     from llama2_align.pipeline import PipelineConfig
 
     torch.set_num_threads(1)
-    cfg = PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="micro")
+    cfg = PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="micro", export=True)
     state = rlhf_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
     out = state.result()
@@ -47,6 +47,8 @@ def test_pipeline_micro_runs_reports_and_caches(prefect_server, tmp_path):
                     "win_rate_vs_baseline"):
             assert key in report["eval"][ckpt]
     assert "demo_bar" in report and out["report_md"].endswith("report.md")
+    export = tmp_path / "micro" / "export"  # the optional export step: the PPO policy as HF and GGUF
+    assert (export / "hf" / "model.safetensors").exists() and (export / "model-f16.gguf").stat().st_size > 0
     first = _task_states(state.state_details.flow_run_id)
     assert all(first[n] == "Completed" for n in STAGES), first
 
