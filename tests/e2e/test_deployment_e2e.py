@@ -198,9 +198,11 @@ async def _load(client, dep, runs_root: Path, logs: dict[str, Path]) -> None:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     t0 = time.monotonic()
-    params = [{"config": {"preset": "demo-micro", "runs_root": str(runs_root), "run_name": f"load-{i}"}}
-              for i in range(LOAD_RUNS)]
-    runs = await asyncio.gather(*(_run_to_end(client, dep.id, p, logs, timeout_s=900) for p in params))
+    quick = {"sft.max_steps": 4, "sft.eval_steps": 2, "sft.save_steps": 2, "reward_helpfulness.max_steps": 2,
+             "reward_safety.max_steps": 2, "ppo.iterations": 2, "eval.max_new_tokens": 8}  # concurrency, not learning
+    params = [{"config": {"preset": "demo-micro", "runs_root": str(runs_root), "run_name": f"load-{i}",
+                          "overrides": quick}} for i in range(LOAD_RUNS)]
+    runs = await asyncio.gather(*(_run_to_end(client, dep.id, p, logs, timeout_s=1200) for p in params))
     print(f"[e2e] {LOAD_RUNS} concurrent runs done after {time.monotonic() - t0:.0f}s")
     for run in runs:
         assert run.state.is_completed(), (f"{run.name} ended {run.state.name}: {run.state.message}\n"
