@@ -73,12 +73,15 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Data-parallel gradient sync: every gradient becomes its mean over the ranks."""
+    """Data-parallel gradient sync: every gradient becomes its mean over the ranks. A sharded gradient (a
+    ``DTensor``: FSDP reduce-scattered it, already averaged) is left alone, so nothing is reduced twice."""
     d = _group()
     if d is None:
         return
+    from torch.distributed.tensor import DTensor
+
     n = d.get_world_size()
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not isinstance(p.grad, DTensor):
             d.all_reduce(p.grad)
             p.grad /= n
