@@ -143,7 +143,7 @@ def test_sft_under_torchrun_has_the_single_process_shape(launched_sft):
 @pytest.mark.slow
 def test_ppo_under_torchrun(tmp_path, demo_world_dir, launched_sft, launched_rms):
     """2 processes, 2 iterations: each rank rolls out its half of the prompts, gradients are all-reduced, rank 0
-    writes; a checkpoint holds both ranks' optimizer/RNG states."""
+    writes; a checkpoint holds the models and optimizers (DCP, both ranks' shards) and both ranks' RNG states."""
     cfg = PPOConfig.model_validate({**preset_config("demo-tiny").ppo.model_dump(), "iterations": 2,
                                     "prompts_per_iteration": 8, "mini_batch_size": 8, "micro_batch_size": 4,
                                     "ppo_epochs": 1, "max_new_tokens": 8, "save_every": 1, "keep_checkpoints": 1,
@@ -163,8 +163,10 @@ def test_ppo_under_torchrun(tmp_path, demo_world_dir, launched_sft, launched_rms
     assert all(r["response_length"] > 0 for r in records)
     samples = json.loads((tmp_path / "samples.json").read_text())
     assert [s["iteration"] for s in samples] == [1, 1, 2, 2]
-    assert sorted(p.name for p in (tmp_path / "checkpoint-1").glob("state-rank*.pt")) == ["state-rank0.pt",
-                                                                                          "state-rank1.pt"]
+    ckpt = tmp_path / "checkpoint-1"  # the models and optimizers as one DCP checkpoint, RNG and loop state per rank
+    assert sorted(p.name for p in ckpt.iterdir()) == ["loop-rank0.json", "loop-rank1.json", "models", "rng-rank0.pt",
+                                                      "rng-rank1.pt"]
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpt / "models").iterdir()}
     assert [e["step"] for e in rec.events] == [1, 2]
 
 
