@@ -352,6 +352,7 @@ def build_model(
         if new_lora:
             from peft import get_peft_model
 
+            torch.manual_seed(seed)  # the adapters' random init: the same in every process (every rank) for a seed
             model = get_peft_model(model, lora.peft_config(role))
 
     if gradient_checkpointing and trainable:

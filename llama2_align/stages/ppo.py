@@ -438,10 +438,12 @@ def update_mini_batch(s: PPOState, exp: Experience, mb_rows: torch.Tensor, confi
                       stats: dict[str, list[float]]) -> None:
     """One optimizer step of the policy and of the value model: the clipped surrogate and the clipped value loss,
     accumulated over micro-batches weighted by their share of the mini-batch's tokens, gradients averaged over the
-    ranks and clipped to ``max_grad_norm``."""
+    ranks and clipped to ``max_grad_norm``. The token share is of every rank's tokens (times the world size, since
+    the ranks' gradients are averaged), so the step is the token mean over the whole mini-batch, as in one process,
+    whatever each rank's response lengths."""
     s.opt_policy.zero_grad(set_to_none=True)
     s.opt_value.zero_grad(set_to_none=True)
-    mb_tokens = exp.batch.mask[mb_rows].sum().clamp(min=1)
+    mb_tokens = dist.all_sum(exp.batch.mask[mb_rows].sum().reshape(1)).clamp(min=1) / dist.world_size()
     for chunk in _in_chunks(len(mb_rows), config.micro_batch_size):
         rows = mb_rows[chunk].to(s.device)
         mb = exp.batch.rows(rows)

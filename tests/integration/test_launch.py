@@ -10,6 +10,7 @@ tokenizer.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -138,6 +139,34 @@ def test_sft_under_torchrun_has_the_single_process_shape(launched_sft):
     assert launch_stage("sft", _sft_config(), SFTInputs(base="micro", data="unused", tokenizer="unused"), out,
                         NPROC, log=again.log) == result
     assert again.lines == [] and time.perf_counter() - t0 < 2
+
+
+@pytest.mark.slow
+def test_sft_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path, launched_sft, demo_world_dir, tokenizer_dir):
+    """The Trainer's checkpoints hold the model and the optimizer as one DCP checkpoint (both ranks wrote into
+    models/): the 2-process run, cut back to its step-3 checkpoint, resumes in ONE process and logs the same losses
+    as the 2-process run did after it (same global batches, gradient accumulation in place of the second rank)."""
+    from llama2_align.stages.sft import run_sft
+
+    out = launched_sft[0]
+    ckpt = out / "checkpoint-3"
+    assert {"models", "scheduler.pt", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert not (ckpt / "optimizer.pt").exists() and not (ckpt / "model.safetensors").exists()
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpt / "models").iterdir()}
+    resumed = tmp_path / "sft"
+    shutil.copytree(ckpt, resumed / ckpt.name)
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    result = run_sft(_sft_config(num_processes=1, num_samples=0), SFTInputs(
+        base="micro", data=str(demo_world_dir / "sft.jsonl"), tokenizer=str(tokenizer_dir)), resumed)
+    assert result.provenance["resumed_from"] == str(resumed / ckpt.name) and result.provenance["world_size"] == 1
+
+    def losses(d):
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+    two, one = losses(out), losses(resumed)
+    assert sorted(one) == list(range(1, SFT_STEPS + 1))
+    for step in range(4, SFT_STEPS + 1):
+        assert one[step] == pytest.approx(two[step], rel=1e-4), (step, one[step], two[step])
 
 
 @pytest.mark.slow
