@@ -35,6 +35,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_distributed() -> bool:
+    """Whether a process group is up (under torchrun, even of one process)."""
+    return _group() is not None
+
+
 def is_main() -> bool:
     """Rank 0: the process that writes files and logs."""
     return rank() == 0

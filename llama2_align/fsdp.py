@@ -1,7 +1,8 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for the stages that train: how a model is sharded, gathered for a
 rollout, and gathered whole for the final save.
 
-A stage shards when its config says ``sharding: fsdp`` and it runs on more than one process (:func:`enabled`).
+A stage shards when its config says ``sharding: fsdp`` and it runs under torchrun (:func:`enabled`; a process group
+is up, even of one process: the GPU check runs FSDP at world size 1).
 SFT and the reward models shard through the HF Trainer (accelerate's FSDP2 plugin, :func:`trainer_arguments`); PPO
 shards its own models (:func:`shard`):
 
@@ -38,8 +39,15 @@ DECODER_LAYER = "LlamaDecoderLayer"
 
 
 def enabled(config) -> bool:
-    """The stage runs sharded: ``sharding: fsdp`` and more than one process."""
-    return getattr(config, "sharding", "ddp") == "fsdp" and dist.world_size() > 1
+    """The stage runs sharded: ``sharding: fsdp`` under torchrun (a process group is up). In a plain process there
+    is nothing to shard over and the model stays whole."""
+    return getattr(config, "sharding", "ddp") == "fsdp" and dist.is_distributed()
+
+
+def describe(config) -> str:
+    """How the stage's model is spread over the processes, for its provenance: ``fsdp xN``, ``ddp xN`` or ``none``."""
+    world = dist.world_size()
+    return f"fsdp x{world}" if enabled(config) else f"ddp x{world}" if world > 1 else "none"
 
 
 def build_device(config) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import dist
 from .chat import encode_prompt, prompt_messages
+from .fsdp import is_sharded
 
 
 class GenerationSettings(BaseModel):
@@ -144,7 +145,7 @@ class _StepRunner:
         self.cache_kw = _cache_kw(lm)
         self.step = self._forward_of(lm)
         self.graph = None  # the compiled step: CUDA (and compile not False), unsharded models only
-        if device.type == "cuda" and compile is not False and not _sharded(lm):  # pragma: no cover - CUDA only
+        if device.type == "cuda" and compile is not False and not is_sharded(lm):  # pragma: no cover - CUDA only
             self.graph = _StepRunner._compiled.get(lm)
             if self.graph is None:
                 self.graph = torch.compile(self.step, mode="reduce-overhead", fullgraph=False, dynamic=False)
@@ -173,12 +174,6 @@ class _StepRunner:
             _StepRunner._compiled.pop(self.lm, None)
             self.graph = None
             return self.step(ids, mask, pos, cache)
-
-
-def _sharded(model: nn.Module) -> bool:
-    from .fsdp import is_sharded
-
-    return dist.world_size() > 1 and is_sharded(model)
 
 
 def _any_live(live: torch.Tensor, lockstep: bool) -> bool:
@@ -246,7 +241,7 @@ def _decode_static(
 
     cache = StaticCache(config=lm.config, max_cache_len=total)
     runner = _StepRunner(lm, device, compile)
-    lockstep = _sharded(lm)
+    lockstep = dist.world_size() > 1 and is_sharded(lm)
     was_training = model.training
     model.eval()
     try:

@@ -244,6 +244,7 @@ def setup(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> PPOState:
     # with no second copy. A resume then loads the checkpoint's trainable tensors over them. Sharded roles are
     # built on the CPU and moved to this rank's device shard by shard.
     sharded = fsdp.enabled(config)
+    run.provenance["sharding"] = fsdp.describe(config)
     models = dict(dtype=config.dtype, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
                   continue_adapter=False, device=fsdp.build_device(config))
     policy = build_model(inputs.policy, "policy", lora=config.lora, **models)

@@ -220,6 +220,7 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
     train_recs = mix_training_pairs(train_pool, config)
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
+    run.provenance["sharding"] = fsdp.describe(config)
     # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the SFT checkpoint itself.
     model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=config.dtype, seed=config.seed,
                         gradient_checkpointing=config.gradient_checkpointing, continue_adapter=False,

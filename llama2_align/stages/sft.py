@@ -81,6 +81,7 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
     train_recs, val_recs = _split(records, config.val_fraction, config.max_val_examples, config.seed)
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
+    run.provenance["sharding"] = fsdp.describe(config)
     base_path = _base_on_disk(config, inputs, tokenizer, run.out_dir)
     # An adapter checkpoint as the base (rejection sampling after a LoRA SFT) is merged first.
     model = build_model(base_path, "policy", lora=config.lora, dtype=config.dtype, vocab_size=len(tokenizer),

@@ -82,11 +82,12 @@ def test_non_tensor_state_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "ckpt" / ".metadata").exists()
 
 
-def test_fsdp_is_enabled_only_on_several_processes(monkeypatch):
+def test_fsdp_is_enabled_only_under_a_process_group(monkeypatch):
+    from llama2_align import dist
     from llama2_align.stages.ppo import PPOConfig
 
-    assert not fsdp.enabled(PPOConfig(sharding="fsdp"))  # one process: nothing to shard over
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not fsdp.enabled(PPOConfig(sharding="fsdp"))  # a plain process: nothing to shard over
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
     assert fsdp.enabled(PPOConfig(sharding="fsdp")) and not fsdp.enabled(PPOConfig())
     assert fsdp.build_device(PPOConfig(sharding="fsdp")) == "cpu"
 
@@ -94,6 +95,7 @@ def test_fsdp_is_enabled_only_on_several_processes(monkeypatch):
 def test_trainer_fsdp_arguments_reach_accelerates_fsdp2_plugin_and_are_refused_on_cpu(monkeypatch, tmp_path):
     from transformers import TrainingArguments
 
+    from llama2_align import dist
     from llama2_align.stages.sft import SFTConfig
     from llama2_align.stages.training import trainer_arguments
 
@@ -102,7 +104,7 @@ def test_trainer_fsdp_arguments_reach_accelerates_fsdp2_plugin_and_are_refused_o
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
     assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
     config = SFTConfig(sharding="fsdp", batch_size=8, micro_batch_size=4)
     with pytest.raises(ConfigError, match="needs GPUs"):
         trainer_arguments(config, tmp_path, n_train=16, has_eval=False)
