@@ -52,7 +52,8 @@ def describe(config) -> str:
 
 def build_device(config) -> str:
     """Where a stage builds its models: on the CPU when they will be sharded (each rank then holds only its shards
-    on its GPU; the full weights pass through host memory once per rank), else on this rank's device."""
+    on its GPU; the full weights pass through host memory once per rank), else on this rank's device. The stage
+    resolves the dtype against this rank's device, not the CPU (``device.resolve_dtype``: bf16 on CUDA)."""
     return "cpu" if enabled(config) else "auto"
 
 

@@ -39,6 +39,7 @@ from .. import dcp, dist, fsdp
 from .. import ppo_core as core
 from ..chat import encode_prompt
 from ..data import PromptRecord, read_records
+from ..device import resolve_dtype
 from ..errors import ConfigError
 from ..generation import generate_ids
 from ..io import append_jsonl, atomic_write_json, read_jsonl
@@ -242,16 +243,17 @@ def setup(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> PPOState:
     # Every start builds the roles as a fresh start does: an adapter checkpoint is merged first
     # (continue_adapter=False), so new LoRA adapters sit on the exact SFT policy and "adapters off" is the reference,
     # with no second copy. A resume then loads the checkpoint's trainable tensors over them. Sharded roles are
-    # built on the CPU and moved to this rank's device shard by shard.
+    # built on the CPU (in the dtype of this rank's device) and moved to the device shard by shard.
     sharded = fsdp.enabled(config)
     run.provenance["sharding"] = fsdp.describe(config)
-    models = dict(dtype=config.dtype, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+    dtype = resolve_dtype(config.dtype)
+    models = dict(dtype=dtype, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
                   continue_adapter=False, device=fsdp.build_device(config))
     policy = build_model(inputs.policy, "policy", lora=config.lora, **models)
-    reference = build_reference(policy, inputs.policy, dtype=config.dtype, device=models["device"])
+    reference = build_reference(policy, inputs.policy, dtype=dtype, device=models["device"])
     value_lora = config.value_lora if config.value_lora is not None else config.lora
     value = build_model(value_init, "value", lora=value_lora, **models)
-    rms = [RewardScorer(path, device=models["device"], dtype=config.dtype, batch_size=config.score_batch_size)
+    rms = [RewardScorer(path, device=models["device"], dtype=dtype, batch_size=config.score_batch_size)
            for path in (inputs.reward_helpfulness, inputs.reward_safety)]
     if sharded:
         shard_roles(policy, reference, value, rms)

@@ -132,7 +132,7 @@ class RewardScorer:
     Sequences are sorted by length before batching, so padding is paid only within similar lengths.
     """
 
-    def __init__(self, path: str | Path, device: str | torch.device = "auto", dtype: str = "auto",
+    def __init__(self, path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                  batch_size: int = 64, model=None, tokenizer=None):
         self.path = str(path)
         self.model = model if model is not None else freeze(build_model(path, "reward", device=device, dtype=dtype))
@@ -222,9 +222,9 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.provenance["sharding"] = fsdp.describe(config)
     # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the SFT checkpoint itself.
-    model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=config.dtype, seed=config.seed,
-                        gradient_checkpointing=config.gradient_checkpointing, continue_adapter=False,
-                        device=fsdp.build_device(config))
+    model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=resolve_dtype(config.dtype),
+                        seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+                        continue_adapter=False, device=fsdp.build_device(config))
     train_ds = Dataset.from_list(tokenize_pairs(tokenizer, train_recs, config.margin))
     eval_recs = [r for r in heldout if r.category == config.kind][:256]
     eval_ds = Dataset.from_list(tokenize_pairs(tokenizer, eval_recs, config.margin)) if eval_recs else None

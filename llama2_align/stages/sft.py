@@ -84,9 +84,9 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
     run.provenance["sharding"] = fsdp.describe(config)
     base_path = _base_on_disk(config, inputs, tokenizer, run.out_dir)
     # An adapter checkpoint as the base (rejection sampling after a LoRA SFT) is merged first.
-    model = build_model(base_path, "policy", lora=config.lora, dtype=config.dtype, vocab_size=len(tokenizer),
-                        seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
-                        continue_adapter=False, device=fsdp.build_device(config))
+    model = build_model(base_path, "policy", lora=config.lora, dtype=resolve_dtype(config.dtype),
+                        vocab_size=len(tokenizer), seed=config.seed, continue_adapter=False,
+                        gradient_checkpointing=config.gradient_checkpointing, device=fsdp.build_device(config))
     train_ds = Dataset.from_list(tokenize_dialogues(tokenizer, train_recs))
     val_ds = Dataset.from_list(tokenize_dialogues(tokenizer, val_recs)) if val_recs else None
     args = TRLSFTConfig(**trainer_arguments(config, run.out_dir, len(train_ds), val_ds is not None),
