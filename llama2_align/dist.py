@@ -97,6 +97,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_distributed() -> bool:
+    """Whether a process group is up (under torchrun, even of one process)."""
+    return _group() is not None
+
+
 def is_main() -> bool:
     """Rank 0: the process that writes files and logs."""
     return rank() == 0
@@ -135,12 +140,15 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Data-parallel gradient sync: every gradient becomes its mean over the ranks."""
+    """Data-parallel gradient sync: every gradient becomes its mean over the ranks. A sharded gradient (a
+    ``DTensor``: FSDP reduce-scattered it, already averaged) is left alone, so nothing is reduced twice."""
     d = _group()
     if d is None:
         return
+    from torch.distributed.tensor import DTensor
+
     n = d.get_world_size()
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and not isinstance(p.grad, DTensor):
             d.all_reduce(p.grad)
             p.grad /= n

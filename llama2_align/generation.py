@@ -10,6 +10,10 @@ decode step captured in a CUDA graph on GPUs (``torch.compile(mode="reduce-overh
 rows stop costing compute: every few steps, when at most half the rows are still running, the batch is compacted
 (finished rows dropped from the cache). A LoRA (PEFT) policy decodes with its adapters active, unmerged. The tests
 check it against transformers' ``generate`` and a plain dynamic-cache decoder kept in ``tests/``.
+
+A model sharded with FSDP (``llama2_align.fsdp``) decodes eagerly (no CUDA graph across FSDP's hooks) and in
+lockstep: every forward may all-gather, so every rank runs the same number of steps, stopping once every rank's rows
+have finished.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from . import dist
 from .chat import encode_prompt, prompt_messages
+from .fsdp import is_sharded
 
 
 class GenerationSettings(BaseModel):
@@ -92,6 +98,8 @@ def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, live: torch.Tens
 
 def _cache_kw(lm: nn.Module) -> str:
     """The forward's name for the cache argument (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    get_base = getattr(lm, "get_base_model", None)
+    lm = get_base() if callable(get_base) else lm  # a PEFT wrapper passes it through
     try:
         return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
     except (TypeError, ValueError):  # pragma: no cover
@@ -111,9 +119,14 @@ COMPACT_EVERY = 4
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The transformers causal LM to call: under a PEFT wrapper, its base model, whose LoRA layers are injected in
-    place and stay active (no merged copy of the weights)."""
+    place and stay active (no merged copy of the weights); but the wrapper itself when FSDP sharded it as the root
+    (accelerate does), whose forward must run to gather the root's weights."""
+    from torch.distributed.fsdp import FSDPModule
+
     get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+    if callable(get_base) and hasattr(model, "peft_config") and not isinstance(model, FSDPModule):
+        return get_base()
+    return model
 
 
 class _StepRunner:
@@ -131,8 +144,8 @@ class _StepRunner:
         self.lm = lm
         self.cache_kw = _cache_kw(lm)
         self.step = self._forward_of(lm)
-        self.graph = None  # the compiled step: CUDA (and compile not False) only
-        if device.type == "cuda" and compile is not False:  # pragma: no cover - CUDA only (untested here: no GPU)
+        self.graph = None  # the compiled step: CUDA (and compile not False), unsharded models only
+        if device.type == "cuda" and compile is not False and not is_sharded(lm):  # pragma: no cover - CUDA only
             self.graph = _StepRunner._compiled.get(lm)
             if self.graph is None:
                 self.graph = torch.compile(self.step, mode="reduce-overhead", fullgraph=False, dynamic=False)
@@ -161,6 +174,13 @@ class _StepRunner:
             _StepRunner._compiled.pop(self.lm, None)
             self.graph = None
             return self.step(ids, mask, pos, cache)
+
+
+def _any_live(live: torch.Tensor, lockstep: bool) -> bool:
+    """Whether any row is still decoding: on this rank, or (lockstep) on any rank."""
+    if not lockstep:
+        return bool(live.any())
+    return bool(dist.all_sum(live.any().to(torch.int32).reshape(1)).item() > 0)
 
 
 def _select_rows(cache, rows: torch.Tensor, device: torch.device) -> None:
@@ -221,6 +241,7 @@ def _decode_static(
 
     cache = StaticCache(config=lm.config, max_cache_len=total)
     runner = _StepRunner(lm, device, compile)
+    lockstep = dist.world_size() > 1 and is_sharded(lm)
     was_training = model.training
     model.eval()
     try:
@@ -243,7 +264,7 @@ def _decode_static(
             nxt = torch.where(live, nxt, torch.full_like(nxt, pad_token_id))
             yield whole_batch(nxt, pad_token_id)
             live &= nxt != eos_token_id
-            if step == max_new_tokens - 1 or not bool(live.any()):
+            if step == max_new_tokens - 1 or not _any_live(live, lockstep):
                 break
             if compact and step % COMPACT_EVERY == COMPACT_EVERY - 1 and rows.numel() > 1:
                 n_live = int(live.sum())

@@ -457,6 +457,7 @@ def build_model(
         if new_lora:
             from peft import get_peft_model
 
+            torch.manual_seed(seed)  # the adapters' random init: the same in every process (every rank) for a seed
             model = get_peft_model(model, lora.peft_config(role))
 
     if gradient_checkpointing and trainable:
@@ -539,12 +540,14 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None, *, role: str | None = None,
-               base: str | Path | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+               base: str | Path | None = None, extra_files: dict[str, bytes] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a model directory atomically (temporary directory, then rename) in HF safetensors format.
 
     A LoRA model is written as its adapter plus a pointer to its base (``base``, which must itself be a saved
     directory; a preset-initialised base is saved by the caller first). Anything already at ``out_dir`` is replaced
-    only once the new directory is complete.
+    only once the new directory is complete. ``state_dict`` replaces the model's own tensors (a sharded model's,
+    gathered: ``fsdp.save_final``).
     """
     from .io import atomic_dir
 
@@ -556,9 +559,9 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None, *, role: s
             if base is None:
                 raise ValueError("saving a LoRA adapter needs the path of its base model")
             meta["base"] = str(Path(base).resolve()) if Path(base).exists() else str(base)
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         else:
-            unwrap(model).save_pretrained(tmp, safe_serialization=True)
+            unwrap(model).save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             from .tokenizer import save_tokenizer
 

@@ -326,9 +326,15 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 
 def checkpoint_problem(path: Path, expect: tuple[str, ...] = ()) -> str | None:
     """Why a checkpoint directory cannot be resumed from, or None when it is sound (see ``StageRun.resume``)."""
+    from .. import dcp
+
     for pattern in expect:
         if not any(path.glob(pattern)):
             return f"{pattern} is missing"
+    for index in sorted(path.rglob(dcp.METADATA_FILE)):  # a DCP checkpoint inside (sharded models, optimizers)
+        problem = dcp.problem(index.parent)
+        if problem is not None:
+            return problem
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path)
         try:

@@ -10,19 +10,24 @@ The loop (:func:`run_ppo`) is flat; each phase is a function below it with the p
         advantages  GAE (γ 1, λ 0.95), whitened over the global batch
         optimise    PPO epochs of clipped policy and value updates over mini-batches, gradients averaged over ranks
         log         global metrics, sample rows, progress
-        checkpoint  every ``save_every`` iterations: policy, value, optimizers, RNG and prompt order (no pickle)
+        checkpoint  every ``save_every`` iterations: policy, value, optimizers (DCP), RNG and prompt order (no pickle)
 
 Roles: the policy (SFT checkpoint, full or LoRA), the reference (the SFT policy; with LoRA the same weights with
 adapters disabled), a value model initialised from a reward model, the two frozen reward models. Under torchrun
-every rank rolls out its own share of the prompts; rank 0 writes. Every piece of the reward switches off in config,
-for the paper's ablations. The maths is ``ppo_core`` (pure functions, unit-tested); names follow cleanrl: ``b_`` for
-the iteration's batch, ``mb_`` for a mini-batch.
+every rank rolls out its own share of the prompts; rank 0 writes. With ``sharding: fsdp`` every model is sharded
+over the ranks with FSDP2 (``llama2_align.fsdp``: the policy's base once, shared with the reference; the value
+model; both reward models), set up in :func:`shard_roles`; the loop is the same. Every piece of the reward switches
+off in config, for the paper's ablations. The maths is ``ppo_core`` (pure functions, unit-tested); names follow
+cleanrl: ``b_`` for the iteration's batch, ``mb_`` for a mini-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,21 +35,23 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import dist
+from .. import dcp, dist, fsdp
 from .. import ppo_core as core
 from ..chat import encode_prompt
 from ..data import PromptRecord, read_records
+from ..device import resolve_dtype
 from ..errors import ConfigError
 from ..generation import generate_ids
-from ..io import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
 from ..dist import LaunchSettings
-from ..model import LoraSettings, Reference, build_model, build_reference, is_peft, save_model, unwrap
+from ..io import append_jsonl, atomic_write_json, read_jsonl
+from ..model import LoraSettings, Reference, build_model, build_reference, is_peft, unwrap
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, StageOutput, StageRun, Timer, checkpoint_step,
                      prune_checkpoints, stage)
 from .reward import RewardScorer
 
 VALUE_DIR = "value"
+MODELS_DIR = "models"  # a checkpoint's DCP directory: policy and value (trainable tensors) and their optimizers
 
 
 class NonFiniteError(RuntimeError):
@@ -105,6 +112,12 @@ class PPOConfig(BaseModel):
     num_processes: int = Field(1, ge=1)
     launch: LaunchSettings = Field(default_factory=LaunchSettings, description="multi-node: nodes, this node's rank, "
                                    "the rendezvous (num_processes is then per node)")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with num_processes > 1: ddp keeps a whole copy of every model on each process; fsdp "
+                           "shards them (FSDP2, one unit per decoder layer)")
+    rollout_gather: bool = Field(
+        True, description="under fsdp: gather the policy's weights once for the whole rollout (the full policy on "
+                          "each GPU meanwhile) instead of every layer at every decode step")
 
     def smaller(self) -> "PPOConfig | None":
         """The OOM back-off: half the micro-batch (more accumulation, same mini-batch) and half the generation and
@@ -228,24 +241,28 @@ def setup(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> PPOState:
                           "processes")
     prompts = read_records(inputs.prompts, "prompts")
     tokenizer = load_tokenizer(inputs.policy)
-    resume = run.resume(expect=("policy/*.json", f"{VALUE_DIR}/*.json", *(
-        f"{name}-rank{r}.{ext}" for r in range(world) for name, ext in (("state", "pt"), ("loop", "json")))))
+    resume = run.resume(expect=(f"{MODELS_DIR}/.metadata", "rng-rank0.pt", "loop-rank0.json"))
     value_init = inputs.reward_helpfulness if config.value_init == "helpfulness" else inputs.reward_safety
-    # A fresh start merges an adapter checkpoint first (continue_adapter=False), so new LoRA adapters sit on the
-    # exact SFT policy and "adapters off" is the reference, with no second copy; a resume continues its adapters.
-    models = dict(dtype=config.dtype, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
-                  continue_adapter=resume is not None)
-    policy = build_model(resume / "policy" if resume else inputs.policy, "policy",
-                         lora=None if resume else config.lora, **models)
-    reference = build_reference(policy, inputs.policy, dtype=config.dtype)
+    # Every start builds the roles as a fresh start does: an adapter checkpoint is merged first
+    # (continue_adapter=False), so new LoRA adapters sit on the exact SFT policy and "adapters off" is the reference,
+    # with no second copy. A resume then loads the checkpoint's trainable tensors over them. Sharded roles are
+    # built on the CPU (in the dtype of this rank's device) and moved to the device shard by shard.
+    sharded = fsdp.enabled(config)
+    run.provenance["sharding"] = fsdp.describe(config)
+    dtype = resolve_dtype(config.dtype)
+    models = dict(dtype=dtype, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+                  continue_adapter=False, device=fsdp.build_device(config))
+    policy = build_model(inputs.policy, "policy", lora=config.lora, **models)
+    reference = build_reference(policy, inputs.policy, dtype=dtype, device=models["device"])
     value_lora = config.value_lora if config.value_lora is not None else config.lora
-    value = build_model(resume / VALUE_DIR if resume else value_init, "value", lora=None if resume else value_lora,
-                        **models)
+    value = build_model(value_init, "value", lora=value_lora, **models)
+    rms = [RewardScorer(path, device=models["device"], dtype=dtype, batch_size=config.score_batch_size)
+           for path in (inputs.reward_helpfulness, inputs.reward_safety)]
+    if sharded:
+        shard_roles(policy, reference, value, rms)
     device = next(policy.parameters()).device
     s = PPOState(
-        policy=policy, reference=reference, value=value,
-        rm_helpfulness=RewardScorer(inputs.reward_helpfulness, dtype=config.dtype, batch_size=config.score_batch_size),
-        rm_safety=RewardScorer(inputs.reward_safety, dtype=config.dtype, batch_size=config.score_batch_size),
+        policy=policy, reference=reference, value=value, rm_helpfulness=rms[0], rm_safety=rms[1],
         opt_policy=_optimizer(policy, config.learning_rate, config),
         opt_value=_optimizer(value, config.value_learning_rate, config),
         tokenizer=tokenizer, prompts=prompts,
@@ -258,13 +275,27 @@ def setup(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> PPOState:
         else next(policy.parameters()).dtype == torch.float32)
     torch.manual_seed(config.seed + rank)
     if resume is not None:
-        restore_checkpoint(s, resume)
+        restore_checkpoint(s, resume, config)
         samples = run.out_dir / "samples.json"
         if samples.exists():  # only the iterations the checkpoint covers: later ones are logged again as they re-run
             s.samples = [r for r in json.loads(samples.read_text()) if r["iteration"] <= s.start_iteration]
     elif dist.is_main():
         run.out_dir.mkdir(parents=True, exist_ok=True)
     return s
+
+
+def shard_roles(policy: torch.nn.Module, reference: Reference, value: torch.nn.Module, rms: list[RewardScorer]
+                ) -> None:
+    """FSDP2 over the ranks for every role (``sharding: fsdp``), before the optimizers see the parameters: the policy
+    (under LoRA the base is sharded once: the reference is the same model with its adapters off), a full policy's
+    frozen reference, the value model and both reward models. The reward models are sharded too, not replicated:
+    they only score, one forward per batch, so sharding costs one all-gather of their weights per scoring batch,
+    while two replicated copies would need 2 x 140 GB on every GPU at 70B."""
+    frozen_reference = [reference.frozen] if reference.frozen is not None else []
+    for model in (policy, *frozen_reference, value, *(rm.model for rm in rms)):
+        fsdp.shard(model)
+    for rm in rms:
+        rm.device = next(rm.model.parameters()).device
 
 
 def _optimizer(model: torch.nn.Module, lr: float, config: PPOConfig) -> torch.optim.Optimizer:
@@ -286,12 +317,14 @@ def rollout(s: PPOState, b_prompts: list[int], config: PPOConfig
     ``s.rollout_logprobs``, each response's token log-probs under the policy that sampled it (log π_old)."""
     b_responses: list[list[int]] = []
     b_logprobs: list[torch.Tensor] | None = [] if s.rollout_logprobs else None
-    for start in range(0, len(b_prompts), config.generation_batch_size):
-        chunk = b_prompts[start:start + config.generation_batch_size]
-        b_responses += generate_ids(s.policy, [s.prompt_ids[i] for i in chunk], eos_token_id=s.tokenizer.eos_token_id,
-                                    pad_token_id=s.tokenizer.pad_token_id, max_new_tokens=config.max_new_tokens,
-                                    temperature=config.temperature, top_p=config.top_p, generator=s.sampler,
-                                    logprobs=b_logprobs)
+    # a sharded policy is gathered once for the rollout (a no-op unsharded), not at every decode step
+    with fsdp.gathered(s.policy) if config.rollout_gather else contextlib.nullcontext():
+        for start in range(0, len(b_prompts), config.generation_batch_size):
+            chunk = b_prompts[start:start + config.generation_batch_size]
+            b_responses += generate_ids(s.policy, [s.prompt_ids[i] for i in chunk],
+                                        eos_token_id=s.tokenizer.eos_token_id, pad_token_id=s.tokenizer.pad_token_id,
+                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                        top_p=config.top_p, generator=s.sampler, logprobs=b_logprobs)
     return b_responses, b_logprobs
 
 
@@ -411,10 +444,12 @@ def update_mini_batch(s: PPOState, exp: Experience, mb_rows: torch.Tensor, confi
                       stats: dict[str, list[float]]) -> None:
     """One optimizer step of the policy and of the value model: the clipped surrogate and the clipped value loss,
     accumulated over micro-batches weighted by their share of the mini-batch's tokens, gradients averaged over the
-    ranks and clipped to ``max_grad_norm``."""
+    ranks and clipped to ``max_grad_norm``. The token share is of every rank's tokens (times the world size, since
+    the ranks' gradients are averaged), so the step is the token mean over the whole mini-batch, as in one process,
+    whatever each rank's response lengths."""
     s.opt_policy.zero_grad(set_to_none=True)
     s.opt_value.zero_grad(set_to_none=True)
-    mb_tokens = exp.batch.mask[mb_rows].sum().clamp(min=1)
+    mb_tokens = dist.all_sum(exp.batch.mask[mb_rows].sum().reshape(1)).clamp(min=1) / dist.world_size()
     for chunk in _in_chunks(len(mb_rows), config.micro_batch_size):
         rows = mb_rows[chunk].to(s.device)
         mb = exp.batch.rows(rows)
@@ -510,48 +545,56 @@ def sample_rows(s: PPOState, exp: Experience, it: int, n: int) -> list[dict]:
 
 
 def save_checkpoint(s: PPOState, it: int, config: PPOConfig, out_dir: Path) -> None:
-    """``checkpoint-<it>``: the policy and value models (adapters when LoRA), and per rank the optimizers and the
-    random state as tensors (``state-rank<r>.pt``, read back with ``weights_only=True``) and the loop state as JSON
-    (``loop-rank<r>.json``: iteration, prompt order, Python's random state). No pickle of objects: loading a
-    checkpoint runs no code. Assembled in a staging directory and renamed into place whole."""
-    rank, staging = dist.rank(), out_dir / STAGING_DIR
-    staging.mkdir(parents=True, exist_ok=True)
-    tensors = {"opt_policy": s.opt_policy.state_dict(), "opt_value": s.opt_value.state_dict(),
-               "rng_torch": torch.get_rng_state(), "rng_sampler": s.sampler.get_state()}
+    """``checkpoint-<it>``: the policy's and the value model's trainable tensors (the adapters under LoRA) and both
+    optimizers as a DCP checkpoint (``models/``: each rank writes its shards, ``llama2_align.dcp``), and per rank the
+    random state as tensors (``rng-rank<r>.pt``, read back with ``weights_only=True``) and the loop state as JSON
+    (``loop-rank<r>.json``: iteration, prompt order, Python's random state). Loading runs no pickled code. Every rank
+    writes into ``.staging/checkpoint-<it>``, which rank 0 renames into place once all are done."""
+    rank, tmp = dist.rank(), out_dir / STAGING_DIR / f"checkpoint-{it}"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(tmp / MODELS_DIR, {"policy": (s.policy, s.opt_policy), VALUE_DIR: (s.value, s.opt_value)})
+    tensors = {"rng_torch": torch.get_rng_state(), "rng_sampler": s.sampler.get_state()}
     if torch.cuda.is_available():
         tensors["rng_cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(tensors, staging / f"state-rank{rank}-{it}.pt")
-    atomic_write_json(staging / f"loop-rank{rank}-{it}.json", {
-        "iteration": it, "prompt_order": s.prompt_order.state_dict(),
+    torch.save(tensors, tmp / f"rng-rank{rank}.pt")
+    atomic_write_json(tmp / f"loop-rank{rank}.json", {
+        "iteration": it, "world_size": dist.world_size(), "prompt_order": s.prompt_order.state_dict(),
         "python_random": _random_state_to_json(random.getstate())})
     dist.barrier()
     if dist.is_main():
-        with atomic_dir(out_dir / f"checkpoint-{it}") as tmp:
-            _save_models(s, tmp / "policy", tmp / VALUE_DIR)
-            for r in range(dist.world_size()):
-                for name in (f"state-rank{r}.pt", f"loop-rank{r}.json"):
-                    stem, ext = name.rsplit(".", 1)
-                    (staging / f"{stem}-{it}.{ext}").replace(tmp / name)
+        target = out_dir / f"checkpoint-{it}"
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
         prune_checkpoints(out_dir, config.keep_checkpoints)
     dist.barrier()
 
 
-def restore_checkpoint(s: PPOState, ckpt: Path) -> None:
-    """This rank's optimizers, random state and prompt order from ``ckpt`` (the models were loaded from it)."""
+def restore_checkpoint(s: PPOState, ckpt: Path, config: PPOConfig) -> None:
+    """The models' trainable tensors and the optimizers (DCP reshards them to this world size, sharded or not), and
+    this rank's random state and prompt order. Resumed on more ranks than saved it, a new rank reseeds its random
+    state (from the seed, its rank and the iteration) and takes rank 0's prompt order (the same on every rank)."""
     rank = dist.rank()
-    tensors = torch.load(ckpt / f"state-rank{rank}.pt", weights_only=True, map_location="cpu")
-    loop = json.loads((ckpt / f"loop-rank{rank}.json").read_text())
-    s.opt_policy.load_state_dict(tensors["opt_policy"])
-    s.opt_value.load_state_dict(tensors["opt_value"])
-    torch.set_rng_state(tensors["rng_torch"])
-    s.sampler.set_state(tensors["rng_sampler"])
-    if "rng_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["rng_cuda"])
-    random.setstate(_random_state_from_json(loop["python_random"]))
-    s.prompt_order.load_state_dict(loop["prompt_order"])
+    dcp.load(ckpt / MODELS_DIR, {"policy": (s.policy, s.opt_policy), VALUE_DIR: (s.value, s.opt_value)})
+    own = (ckpt / f"loop-rank{rank}.json").exists()
+    loop = json.loads((ckpt / f"loop-rank{rank if own else 0}.json").read_text())
     s.start_iteration = int(loop["iteration"])
     if s.start_iteration != checkpoint_step(ckpt):
         raise RuntimeError(f"{ckpt}: its loop state is for iteration {s.start_iteration}")
+    s.prompt_order.load_state_dict(loop["prompt_order"])
+    if own:
+        tensors = torch.load(ckpt / f"rng-rank{rank}.pt", weights_only=True, map_location="cpu")
+        torch.set_rng_state(tensors["rng_torch"])
+        s.sampler.set_state(tensors["rng_sampler"])
+        if "rng_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(tensors["rng_cuda"])
+        random.setstate(_random_state_from_json(loop["python_random"]))
+    else:
+        torch.manual_seed(config.seed + rank + 7919 * s.start_iteration)
+        s.sampler.manual_seed(config.seed + 1000 * rank + 7919 * s.start_iteration)
+        random.seed(config.seed + rank + 7919 * s.start_iteration)
 
 
 def finish(s: PPOState, metrics: dict, config: PPOConfig, run: StageRun) -> StageOutput:
@@ -560,8 +603,8 @@ def finish(s: PPOState, metrics: dict, config: PPOConfig, run: StageRun) -> Stag
 
     artifacts: dict[str, str] = {}
     final_metrics = {k: v for k, v in metrics.items() if k != "step"}
+    _save_models(s, run.out_dir / FINAL_DIR, run.out_dir / VALUE_DIR)  # every rank: a sharded model is gathered
     if dist.is_main():
-        _save_models(s, run.out_dir / FINAL_DIR, run.out_dir / VALUE_DIR)
         logs = read_jsonl(run.out_dir / METRICS_FILE)
         if plot_curves(logs, ["reward_combined", "kl_ref", "response_length"], run.out_dir / "curves.png",
                        title="PPO", x="iteration"):
@@ -577,8 +620,9 @@ def finish(s: PPOState, metrics: dict, config: PPOConfig, run: StageRun) -> Stag
 
 
 def _save_models(s: PPOState, policy_dir: Path, value_dir: Path) -> None:
-    save_model(s.policy, policy_dir, s.tokenizer, role="policy", base=s.bases["policy"] if is_peft(s.policy) else None)
-    save_model(s.value, value_dir, s.tokenizer, role="value", base=s.bases[VALUE_DIR] if is_peft(s.value) else None)
+    """The policy and the value model as HF safetensors directories (rank 0 writes; called on every rank)."""
+    for model, out, role in ((s.policy, policy_dir, "policy"), (s.value, value_dir, VALUE_DIR)):
+        fsdp.save_final(model, out, s.tokenizer, role=role, base=s.bases[role] if is_peft(model) else None)
 
 
 def _random_state_to_json(state: tuple) -> list:
@@ -656,11 +700,15 @@ def policy_forward(model, batch: Batch, with_entropy: bool = False):
 
 
 def value_forward(model, batch: Batch) -> torch.Tensor:
-    """Per-token values: the scalar head applied to every hidden state (not only the last one)."""
-    base = unwrap(model)
-    hidden = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    values = base.score(hidden.last_hidden_state).squeeze(-1)
-    return batch.select(values).float()
+    """Per-token values: the scalar head applied to every hidden state (not only the last one). The model's own
+    forward runs (it pools the last token's value; FSDP's hooks run with it), and a hook on the head keeps all."""
+    kept: list[torch.Tensor] = []
+    hook = unwrap(model).score.register_forward_hook(lambda _module, _args, out: kept.append(out))
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        hook.remove()
+    return batch.select(kept[0].squeeze(-1)).float()
 
 
 def _check_finite(iteration: int, **tensors) -> None:

@@ -20,12 +20,13 @@ from typing import Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import dist
+from .. import dist, fsdp
 from ..chat import encode_dialog, prompt_messages
 from ..data import RATINGS, PreferenceRecord, read_records
+from ..device import resolve_dtype
 from ..errors import InputError
 from ..io import atomic_write_json, read_jsonl
-from ..model import build_model, freeze, is_peft, save_model, trainable_parameters
+from ..model import build_model, freeze, is_peft, trainable_parameters
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, METRICS_FILE, StageOutput, StageRun, logged_losses, stage
 from .training import TrainStageConfig, make_trainer, train, trainer_arguments
@@ -137,7 +138,7 @@ class RewardScorer:
     Sequences are sorted by length before batching, so padding is paid only within similar lengths.
     """
 
-    def __init__(self, path: str | Path, device: str | torch.device = "auto", dtype: str = "auto",
+    def __init__(self, path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                  batch_size: int = 64, model=None, tokenizer=None):
         self.path = str(path)
         self.model = model if model is not None else freeze(build_model(path, "reward", device=device, dtype=dtype))
@@ -225,9 +226,11 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
     train_recs = mix_training_pairs(train_pool, config)
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
+    run.provenance["sharding"] = fsdp.describe(config)
     # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the SFT checkpoint itself.
-    model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=config.dtype, seed=config.seed,
-                        gradient_checkpointing=config.gradient_checkpointing, continue_adapter=False)
+    model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=resolve_dtype(config.dtype),
+                        seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+                        continue_adapter=False, device=fsdp.build_device(config))
     train_ds = Dataset.from_list(tokenize_pairs(tokenizer, train_recs, config.margin))
     eval_recs = [r for r in heldout if r.category == config.kind][:256]
     eval_ds = Dataset.from_list(tokenize_pairs(tokenizer, eval_recs, config.margin)) if eval_recs else None
@@ -239,9 +242,10 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
 
     metrics: dict = {}
     artifacts: dict[str, str] = {}
-    if dist.is_main():
-        final = save_model(trainer.model, run.out_dir / FINAL_DIR, tokenizer, role="reward",
-                           base=inputs.sft_model if is_peft(trainer.model) else None)
+    base = inputs.sft_model if is_peft(trainer.model) else None
+    final = fsdp.save_final(trainer.model, run.out_dir / FINAL_DIR, tokenizer, role="reward", base=base,
+                            dtype=resolve_dtype(config.dtype))
+    if dist.is_main() or fsdp.is_sharded(trainer.model):  # a sharded model scores on every rank (each forward gathers)
         scorer = RewardScorer(final, model=freeze(trainer.model), tokenizer=tokenizer,
                               batch_size=config.score_batch_size)
         metrics = evaluate_pairs(scorer, heldout, config.unsafe_threshold)
@@ -250,6 +254,7 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
                        train_pairs_by_category={c: sum(1 for r in train_recs if r.category == c)
                                                 for c in sorted({r.category for r in records})},
                        trainable_params=trained, total_params=total, **logged_losses(run.out_dir))
+    if dist.is_main():
         artifacts = _write_artifacts(config, metrics, run.out_dir)
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=trainer.state.global_step,
                        planned_steps=trainer.state.max_steps, artifacts=artifacts)

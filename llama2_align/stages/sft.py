@@ -12,9 +12,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import dist
+from .. import dist, fsdp
 from ..chat import encode_dialog
 from ..data import read_records
+from ..device import resolve_dtype
 from ..errors import ConfigError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json, read_jsonl
@@ -80,11 +81,12 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
     train_recs, val_recs = _split(records, config.val_fraction, config.max_val_examples, config.seed)
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
+    run.provenance["sharding"] = fsdp.describe(config)
     base_path = _base_on_disk(config, inputs, tokenizer, run.out_dir)
     # An adapter checkpoint as the base (rejection sampling after a LoRA SFT) is merged first.
-    model = build_model(base_path, "policy", lora=config.lora, dtype=config.dtype, vocab_size=len(tokenizer),
-                        seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
-                        continue_adapter=False)
+    model = build_model(base_path, "policy", lora=config.lora, dtype=resolve_dtype(config.dtype),
+                        vocab_size=len(tokenizer), seed=config.seed, continue_adapter=False,
+                        gradient_checkpointing=config.gradient_checkpointing, device=fsdp.build_device(config))
     train_ds = Dataset.from_list(tokenize_dialogues(tokenizer, train_recs))
     val_ds = Dataset.from_list(tokenize_dialogues(tokenizer, val_recs)) if val_recs else None
     args = TRLSFTConfig(**trainer_arguments(config, run.out_dir, len(train_ds), val_ds is not None),
@@ -99,11 +101,9 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
     trained, total = trainable_parameters(model)
     metrics.update(trainable_params=trained, total_params=total, train_examples=len(train_ds),
                    val_examples=len(val_ds) if val_ds is not None else 0)
-    artifacts: dict[str, str] = {}
-    if dist.is_main():
-        save_model(trainer.model, run.out_dir / FINAL_DIR, tokenizer, role="policy",
-                   base=base_path if is_peft(trainer.model) else None)
-        artifacts = _write_artifacts(config, trainer.model, tokenizer, val_recs, run.out_dir)
+    fsdp.save_final(trainer.model, run.out_dir / FINAL_DIR, tokenizer, role="policy",
+                    base=base_path if is_peft(trainer.model) else None, dtype=resolve_dtype(config.dtype))
+    artifacts = _write_artifacts(config, trainer.model, tokenizer, val_recs, run.out_dir)
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=trainer.state.global_step,
                        planned_steps=trainer.state.max_steps, artifacts=artifacts)
 
@@ -139,16 +139,18 @@ def _validation_loss(trainer, out_dir: Path) -> dict:
 
 
 def _write_artifacts(config: SFTConfig, model, tokenizer, val_recs, out_dir: Path) -> dict[str, str]:
-    """Sample answers to held-out prompts and the loss curves (rank 0)."""
+    """Sample answers to held-out prompts and the loss curves (rank 0 writes; a sharded model samples on every
+    rank, since each of its forwards gathers weights from all of them)."""
     from ..plots import plot_curves
 
     artifacts: dict[str, str] = {}
-    if config.num_samples and val_recs:
+    if config.num_samples and val_recs and (dist.is_main() or fsdp.is_sharded(model)):
         samples = sample_generations(model, tokenizer, val_recs[: config.num_samples], config.sample_max_new_tokens,
                                      config.seed)
-        atomic_write_json(out_dir / "samples.json", samples)
-        artifacts["samples"] = "samples.json"
-    if plot_curves(read_jsonl(out_dir / METRICS_FILE), ["loss", "eval_loss"], out_dir / "curves.png",
+        if dist.is_main():
+            atomic_write_json(out_dir / "samples.json", samples)
+            artifacts["samples"] = "samples.json"
+    if dist.is_main() and plot_curves(read_jsonl(out_dir / METRICS_FILE), ["loss", "eval_loss"], out_dir / "curves.png",
                    title="SFT loss"):
         artifacts["curves"] = "curves.png"
     return artifacts

@@ -5,6 +5,13 @@ position in ``checkpoint-<step>`` and skip the batches already seen on resume. T
 checkpoints are written into a staging directory and renamed into place when complete (a kill mid-save never leaves
 a half checkpoint that resume would pick), and metrics go to ``metrics.jsonl`` with a progress hook. Where to resume
 from is the stage skeleton's job (``StageRun.resume``).
+
+A checkpoint's model (its trainable tensors) and optimizer are one DCP checkpoint (``models/``, ``llama2_align.dcp``)
+instead of the Trainer's ``model.safetensors`` + ``optimizer.pt`` or accelerate's FSDP files: each rank writes its
+shards, loading runs no pickled code, and it loads at another world size and across ``ddp`` / ``fsdp``. With
+``sharding: fsdp`` on several GPUs the Trainer shards the model with FSDP2 through accelerate's plugin
+(``llama2_align.fsdp``); accelerate 1.15 turns that plugin on for GPUs only, so it is refused on the CPU, where the
+Trainer would silently run DDP instead.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import TrainerCallback
 
-from .. import dist
+from .. import dcp, dist, fsdp
+from ..errors import ConfigError
 from ..io import append_jsonl
 from ..dist import LaunchSettings
 from ..model import LoraSettings
@@ -55,7 +63,9 @@ class TrainStageConfig(BaseModel):
     num_processes: int = Field(1, ge=1, description="processes (GPUs) to run the stage on, via torchrun")
     launch: LaunchSettings = Field(default_factory=LaunchSettings, description="multi-node: nodes, this node's rank, "
                                    "the rendezvous (num_processes is then per node)")
-    fsdp: bool = Field(False, description="shard the model with FSDP instead of DDP when num_processes > 1")
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with num_processes > 1: ddp keeps a whole copy of the model on each process; fsdp shards "
+                           "parameters, gradients and optimizer state (FSDP2, one unit per decoder layer)")
     progress_bar: bool = True
 
     @model_validator(mode="after")
@@ -135,14 +145,22 @@ def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has
         # Every parameter takes part in the loss (LoRA's frozen base has no gradients at all): skip DDP's extra
         # search for unused parameters, which transformers turns on by default without gradient checkpointing.
         kwargs["ddp_find_unused_parameters"] = False
-    if config.fsdp and ws > 1:
-        kwargs["fsdp"] = "full_shard auto_wrap"
-        kwargs["fsdp_config"] = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    if fsdp.enabled(config):
+        if device.type != "cuda":
+            raise ConfigError("sharding: fsdp for SFT and the reward models needs GPUs: accelerate turns its FSDP "
+                              "plugin on for GPU devices only, and on the CPU the Trainer would silently run DDP; use "
+                              "sharding: ddp on the CPU (PPO shards on the CPU as well)")
+        kwargs.update(fsdp.trainer_arguments())
     return kwargs
 
 
+DCP_DIR = "models"  # a checkpoint's model (trainable tensors) and optimizer, one DCP checkpoint
+SCHEDULER_FILE = "scheduler.pt"  # the Trainer's name
+
+
 class AtomicCheckpoints:
-    """Trainer mixin: write ``checkpoint-<step>`` into a staging directory and rename it into place whole."""
+    """Trainer mixin: write ``checkpoint-<step>`` into a staging directory and rename it into place whole, with the
+    model and the optimizer as one DCP checkpoint (``models/``), loaded from there on resume, sharded or not."""
 
     def _save_checkpoint(self, model, trial):  # noqa: D401 - transformers hook
         run_dir = Path(self.args.output_dir)
@@ -164,6 +182,27 @@ class AtomicCheckpoints:
             os.replace(staging / name, target)
             prune_checkpoints(run_dir, self.args.save_total_limit or 0)
         self.accelerator.wait_for_everyone()
+
+    def save_model(self, output_dir=None, _internal_call=False):  # noqa: D401 - transformers hook
+        if _internal_call:
+            return  # a checkpoint's weights go into its DCP directory, with the optimizer (below)
+        return super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir):  # noqa: D401 - transformers hook
+        dcp.save(Path(output_dir) / DCP_DIR, {"model": (self.model, self.optimizer)})
+        if self.args.should_save:  # the LR schedule's counters: plain numbers (loaded with weights_only=True)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):  # noqa: D401 - transformers hook
+        if not (Path(resume_from_checkpoint) / DCP_DIR).is_dir():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # a DCP checkpoint's weights are loaded with its optimizer, once that exists (below)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):  # noqa: D401 - transformers hook
+        if checkpoint is None or not (Path(checkpoint) / DCP_DIR).is_dir():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        dcp.load(Path(checkpoint) / DCP_DIR, {"model": (self.model, self.optimizer)})
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_FILE, weights_only=True))
 
 
 class MetricsCallback(TrainerCallback):
@@ -202,8 +241,8 @@ def make_trainer(base, config: TrainStageConfig, run: StageRun, **kwargs):
     return trainer
 
 
-# What a Trainer checkpoint needs to resume: its state, the optimizer, and the weights (full or an adapter)
-TRAINER_CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "*.safetensors")
+# What a Trainer checkpoint needs to resume: its state, the model and optimizer (DCP) and the LR schedule
+TRAINER_CHECKPOINT_FILES = ("trainer_state.json", f"{DCP_DIR}/.metadata", SCHEDULER_FILE)
 
 
 def train(trainer, run: StageRun) -> None:

@@ -1,5 +1,6 @@
-"""The one-script GPU benchmark runs its code paths on a CPU (a smoke run), so it cannot rot unseen between the
-occasions a GPU is at hand: both parts run, write their figures and the goals table names every figure."""
+"""The one-script GPU check runs its code paths on a CPU (a smoke run), so it cannot rot unseen between the
+occasions a GPU is at hand: every part (rollout, training and scoring, the PPO stage, the PPO stage under torchrun
+with FSDP) runs, writes its figures, and the goals table names every figure."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def test_gpu_benchmark_smoke_on_cpu():
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     table = proc.stdout[proc.stdout.index("goals on"):]
-    for row in ("rollout tokens/s, batch 32", "SFT MFU", "RM MFU", "PPO update MFU", "RM scoring MFU (2N"):
+    for row in ("rollout ms/step, batch 32", "SFT MFU", "RM MFU", "RM scoring MFU (2N", "PPO, 2 iterations (LoRA",
+                "FSDP step, world size 1, torchrun"):
         assert row in table, table
     assert "n/a" in table  # no MFU claimed on a CPU
+    assert "FAILED" not in table and "fsdp x1" in table  # the FSDP part really sharded (FSDP2 at world size 1)

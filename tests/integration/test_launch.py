@@ -10,6 +10,7 @@ tokenizer.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -141,9 +142,37 @@ def test_sft_under_torchrun_has_the_single_process_shape(launched_sft):
 
 
 @pytest.mark.slow
+def test_sft_checkpoint_of_two_ranks_resumes_in_one_process(tmp_path, launched_sft, demo_world_dir, tokenizer_dir):
+    """The Trainer's checkpoints hold the model and the optimizer as one DCP checkpoint (both ranks wrote into
+    models/): the 2-process run, cut back to its step-3 checkpoint, resumes in ONE process and logs the same losses
+    as the 2-process run did after it (same global batches, gradient accumulation in place of the second rank)."""
+    from llama2_align.stages.sft import run_sft
+
+    out = launched_sft[0]
+    ckpt = out / "checkpoint-3"
+    assert {"models", "scheduler.pt", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert not (ckpt / "optimizer.pt").exists() and not (ckpt / "model.safetensors").exists()
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpt / "models").iterdir()}
+    resumed = tmp_path / "sft"
+    shutil.copytree(ckpt, resumed / ckpt.name)
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    result = run_sft(_sft_config(num_processes=1, num_samples=0), SFTInputs(
+        base="micro", data=str(demo_world_dir / "sft.jsonl"), tokenizer=str(tokenizer_dir)), resumed)
+    assert result.provenance["resumed_from"] == str(resumed / ckpt.name) and result.provenance["world_size"] == 1
+
+    def losses(d):
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+    two, one = losses(out), losses(resumed)
+    assert sorted(one) == list(range(1, SFT_STEPS + 1))
+    for step in range(4, SFT_STEPS + 1):
+        assert one[step] == pytest.approx(two[step], rel=1e-4), (step, one[step], two[step])
+
+
+@pytest.mark.slow
 def test_ppo_under_torchrun(tmp_path, demo_world_dir, launched_sft, launched_rms):
     """2 processes, 2 iterations: each rank rolls out its half of the prompts, gradients are all-reduced, rank 0
-    writes; a checkpoint holds both ranks' optimizer/RNG states."""
+    writes; a checkpoint holds the models and optimizers (DCP, both ranks' shards) and both ranks' RNG states."""
     cfg = PPOConfig.model_validate({**preset_config("demo-tiny").ppo.model_dump(), "iterations": 2,
                                     "prompts_per_iteration": 8, "mini_batch_size": 8, "micro_batch_size": 4,
                                     "ppo_epochs": 1, "max_new_tokens": 8, "save_every": 1, "keep_checkpoints": 1,
@@ -163,8 +192,10 @@ def test_ppo_under_torchrun(tmp_path, demo_world_dir, launched_sft, launched_rms
     assert all(r["response_length"] > 0 for r in records)
     samples = json.loads((tmp_path / "samples.json").read_text())
     assert [s["iteration"] for s in samples] == [1, 1, 2, 2]
-    assert sorted(p.name for p in (tmp_path / "checkpoint-1").glob("state-rank*.pt")) == ["state-rank0.pt",
-                                                                                          "state-rank1.pt"]
+    ckpt = tmp_path / "checkpoint-1"  # the models and optimizers as one DCP checkpoint, RNG and loop state per rank
+    assert sorted(p.name for p in ckpt.iterdir()) == ["loop-rank0.json", "loop-rank1.json", "models", "rng-rank0.pt",
+                                                      "rng-rank1.pt"]
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpt / "models").iterdir()}
     assert [e["step"] for e in rec.events] == [1, 2]
 
 

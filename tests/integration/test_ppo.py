@@ -243,17 +243,17 @@ def test_a_poisoned_or_corrupt_checkpoint_is_never_loaded(tmp_path, ppo_inputs):
         target = out / name
         target.unlink() if target.is_file() else __import__("shutil").rmtree(target)
     marker = tmp_path / "payload-ran"
-    with open(out / "checkpoint-3" / "state-rank0.pt", "wb") as f:
+    with open(out / "checkpoint-3" / "rng-rank0.pt", "wb") as f:
         pickle.dump(_Payload(marker), f)
-    weights = next((out / "checkpoint-2" / "policy").glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    shard = next((out / "checkpoint-2" / "models").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
 
     seen = []
     result = run_ppo(cfg, ppo_inputs, out, progress=seen.append)
     assert not marker.exists(), "the planted pickle payload ran"
     warnings = [e["warning"] for e in seen if "warning" in e]
-    assert any("checkpoint-3 is corrupt" in w and "state-rank0.pt" in w and "checkpoint-1" in w for w in warnings)
-    assert any("checkpoint-2 is corrupt" in w and "safetensors" in w for w in warnings), warnings
+    assert any("checkpoint-3 is corrupt" in w and "rng-rank0.pt" in w and "checkpoint-1" in w for w in warnings)
+    assert any("checkpoint-2 is corrupt" in w and "distcp is truncated" in w for w in warnings), warnings
     assert (out / "corrupt-checkpoint-3").is_dir() and (out / "corrupt-checkpoint-2").is_dir()
     assert result.provenance["resumed_from"].endswith("checkpoint-1") and result.steps == 4
     assert [e["step"] for e in seen if "warning" not in e][0] == 2  # resumed right after checkpoint-1
