@@ -17,7 +17,7 @@ import typer
 from llama2_align.cli import EXIT_CODES_HELP, EXIT_USAGE, PIPELINE_PANEL, app, fail
 
 
-def _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling):
+def _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling, tracking=None, tracking_uri=None):
     """The PipelineConfig from a config file and the command line, resolved once to refuse a bad field now."""
     from pydantic import ValidationError
 
@@ -30,7 +30,7 @@ def _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampli
                 fail(f"{config}: no such config file")
             fields = load_config_file(config)
         given = {"preset": preset, "run_name": run_name, "runs_root": runs_root,
-                 "rejection_sampling": rejection_sampling}
+                 "rejection_sampling": rejection_sampling, "tracking": tracking or None, "tracking_uri": tracking_uri}
         fields.update({k: v for k, v in given.items() if v is not None})
         overrides = dict(fields.get("overrides") or {})
         overrides.update(parse_override(item) for item in (set_ or []))
@@ -39,6 +39,12 @@ def _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampli
         return pipeline_config, resolve(pipeline_config)
     except (ValidationError, ValueError) as err:
         fail(f"invalid pipeline config: {err}", EXIT_USAGE)
+
+
+TrackingOption = Annotated[Optional[list[str]], typer.Option(
+    "--tracking", help="Track the run in mlflow and/or tensorboard (repeatable; needs the [tracking] extra).")]
+TrackingUriOption = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", help="MLflow tracking URI (default: sqlite:///<runs-root>/mlflow.db).")]
 
 
 @app.command("run", rich_help_panel=PIPELINE_PANEL, epilog=EXIT_CODES_HELP)
@@ -55,12 +61,15 @@ def run(
     runs_root: Annotated[Optional[str], typer.Option("--runs-root", help="Parent of run directories.")] = None,
     rejection_sampling: Annotated[Optional[bool], typer.Option(
         "--rejection-sampling/--no-rejection-sampling", help="SFT -> RS -> PPO instead of SFT -> PPO.")] = None,
+    tracking: TrackingOption = None,
+    tracking_uri: TrackingUriOption = None,
     print_config: Annotated[bool, typer.Option(
         "--print-config", help="Print the fully resolved config (every stage's settings) as JSON and exit.")] = False,
 ) -> None:
     """Run the whole pipeline (the rlhf-pipeline flow): data, tokenizer, SFT, both reward models, PPO, eval, report."""
     if print_config:
-        _, resolved = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling)
+        _, resolved = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling, tracking,
+                                       tracking_uri)
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
         return
     # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
@@ -72,7 +81,8 @@ def run(
     from flows import local_api
 
     local_api.start_early()  # the local API server (when no API URL is set) starts while torch imports
-    pipeline_config, _ = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling)
+    pipeline_config, _ = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling, tracking,
+                                          tracking_uri)
 
     from flows.pipeline import rlhf_pipeline
     from llama2_align.report import headline_text

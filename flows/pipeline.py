@@ -59,5 +59,6 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
 
     trained = {k: v for k, v in stages.results.items() if k != "data"}
     out = report_task(cfg.run_dir, cfg.preset, trained, ev, "ppo")
+    stages.close(out)
     say(f"pipeline finished; report: {out['report_md']}")
     return out
