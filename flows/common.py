@@ -16,7 +16,7 @@ from typing import Any, Callable
 from prefect import get_run_logger
 from prefect.futures import wait
 
-from llama2_align.pipeline import PipelineConfig, ResolvedPipeline
+from llama2_align.pipeline import SHARED_STAGES, PipelineConfig, ResolvedPipeline
 from llama2_align.stages.reward import RewardInputs
 from llama2_align.tracking import child_settings, open_run, run_link
 from tasks.demo import demo_data_task
@@ -35,10 +35,6 @@ def say(msg: str) -> None:
         get_run_logger().info(msg)
     except Exception:
         pass
-
-
-# The stages a run can take from another run directory (``PipelineConfig.shared_from``): what a sweep shares.
-SHARED_STAGES = ("data", "sft", "reward-helpfulness", "reward-safety")
 
 
 class Stages:

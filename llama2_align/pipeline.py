@@ -26,6 +26,8 @@ from .tracking import DEFAULT_EXPERIMENT, Backend, TrackingSettings, default_set
 PipelinePreset = Literal["demo-tiny", "demo-micro", "llama2-7b-lora", "llama2-7b", "llama2-13b-lora",
                          "llama2-70b-lora"]
 PIPELINE_PRESETS: tuple[str, ...] = PipelinePreset.__args__  # type: ignore[attr-defined]
+# The stages a run can take from another run directory (``PipelineConfig.shared_from``): what a sweep's trials share.
+SHARED_STAGES = ("data", "sft", "reward-helpfulness", "reward-safety")
 assert set(PIPELINE_PRESETS) == set(PRESETS), "presets.py and PipelinePreset name the same presets"
 
 
