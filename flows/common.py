@@ -76,6 +76,7 @@ class Stages:
         self.tracker.end("FINISHED")
 
     def record(self, name: str, get: Callable[[], dict]) -> dict:
+        start = time.perf_counter()
         try:
             res = get()
         except Exception as exc:
@@ -84,7 +85,9 @@ class Stages:
             self.tracker.end("FAILED")
             raise StageFailed(f"stage {name!r} failed; its dependents did not run: {exc}") from exc
         self.results[name] = res
-        say(f"stage {name}: done in {res.get('duration_s', 0):.1f}s -> {res.get('final') or res.get('out_dir')}")
+        took, ran = time.perf_counter() - start, res.get("duration_s", 0)
+        how = f"done in {ran:.1f}s" if ran <= took + 1 else f"complete already (it took {ran:.1f}s when it ran)"
+        say(f"stage {name}: {how} -> {res.get('final') or res.get('out_dir')}")
         return res
 
 
