@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,tracking,sweep]"
 	touch $@
 
 # llama-cpp-python (extra `llamacpp`), for the test that runs GGUF exports in llama.cpp: `make test` installs it,
@@ -34,7 +34,7 @@ LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=
 
 $(VENV)/.installed-llamacpp: $(VENV)/.installed
 	@echo "installing llama-cpp-python: the first time on a machine it compiles llama.cpp (about 7 minutes on 2 cores)"
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q -e ".[dev,llamacpp]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q -e ".[dev,tracking,sweep,llamacpp]"
 	touch $@
 
 install: $(VENV)/.installed

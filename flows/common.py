@@ -7,6 +7,7 @@ UI), keeps every stage's result, and when a stage fails writes the partial repor
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any, Callable
 from prefect import get_run_logger
 from prefect.futures import wait
 
-from llama2_align.pipeline import PipelineConfig, ResolvedPipeline
+from llama2_align.pipeline import SHARED_STAGES, PipelineConfig, ResolvedPipeline
 from llama2_align.stages.reward import RewardInputs
+from llama2_align.tracking import child_settings, open_run, run_link
 from tasks.demo import demo_data_task
 from tasks.report import report_task
 from tasks.reward import reward_task
@@ -41,30 +43,56 @@ def say(msg: str) -> None:
 
 
 class Stages:
-    """The stages of one pipeline run, in the order they ran: ``name -> StageResult dict`` (or a failure)."""
+    """The stages of one pipeline run, in the order they ran: ``name -> StageResult dict`` (or a failure).
+
+    With tracking on, the run is an MLflow run (params: the resolved config) and each stage task gets
+    ``tracking`` settings that nest its own run under it; :meth:`close` logs the report."""
 
     def __init__(self, cfg: ResolvedPipeline):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.results: dict[str, dict] = {}
+        self.tracker = open_run(cfg.tracking, self.run_dir.name, self.run_dir,
+                                tags={"preset": cfg.preset, "run_dir": cfg.run_dir})
+        self.tracker.log_params(cfg.model_dump(mode="json", exclude={"tracking"}))
+        self.tracking = child_settings(cfg.tracking, self.tracker)
+        if self.tracker.run_id:
+            say(f"MLflow {run_link(cfg.tracking, self.tracker.run_id)}")
 
     def dir(self, name: str) -> str:
-        return str(self.run_dir / name)
+        """A stage's directory: in the run directory, or in the shared one for the upstream stages."""
+        return str(Path(self.cfg.upstream_dir()) / name) if name in SHARED_STAGES else str(self.run_dir / name)
 
     def run(self, name: str, task: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
         """Run one stage task and record its result (or its failure, which stops the pipeline)."""
         say(f"stage {name}: started")
+        if self.tracking is not None:
+            kwargs.setdefault("tracking", self.tracking)
         return self.record(name, lambda: task(*args, **kwargs))
 
+    def close(self, report_paths: dict) -> None:
+        """End the run's tracking: the headline metrics, the stages' wall times, report.json and report.md."""
+        report = json.loads(Path(report_paths["report_json"]).read_text())
+        self.tracker.log_metrics({"eval": report.get("eval", {}), "demo_bar_passed": (report.get("demo_bar") or {})
+                                  .get("passed"), "duration_s": {k: v.get("duration_s") for k, v in
+                                                                 report.get("stages", {}).items()}}, 0)
+        for key in ("report_json", "report_md"):
+            self.tracker.log_artifact(report_paths[key])
+        self.tracker.end("FINISHED")
+
     def record(self, name: str, get: Callable[[], dict]) -> dict:
+        start = time.perf_counter()
         try:
             res = get()
         except Exception as exc:
             self.results[name] = {"status": "failed", "error": str(exc)[:2000]}
             report_task(str(self.run_dir), self.cfg.preset, self.results, None, "ppo")
+            self.tracker.end("FAILED")
             raise StageFailed(name, exc) from exc
         self.results[name] = res
-        say(f"stage {name}: done in {res.get('duration_s', 0):.1f}s -> {res.get('final') or res.get('out_dir')}")
+        took, ran = time.perf_counter() - start, res.get("duration_s", 0)
+        how = f"done in {ran:.1f}s" if ran <= took + 1 else f"complete already (it took {ran:.1f}s when it ran)"
+        say(f"stage {name}: {how} -> {res.get('final') or res.get('out_dir')}")
         return res
 
 
@@ -72,7 +100,7 @@ def prepare_data(stages: Stages) -> dict[str, str]:
     """The data sets (and the demo tokenizer): the demo world's, written into the run directory, or your files."""
     cfg = stages.cfg
     if cfg.data.source == "demo":
-        paths = demo_data_task(cfg.run_dir, seed=cfg.data.demo_seed, sizes=cfg.data.demo_sizes,
+        paths = demo_data_task(cfg.upstream_dir(), seed=cfg.data.demo_seed, sizes=cfg.data.demo_sizes,
                                vocab_size=cfg.data.vocab_size)
     else:
         d = cfg.data
@@ -99,7 +127,8 @@ def train_reward_models(stages: Stages, inputs: RewardInputs, concurrent: bool) 
     configs = {"reward-helpfulness": cfg.reward_helpfulness, "reward-safety": cfg.reward_safety}
     if concurrent:
         say("stage reward-helpfulness + reward-safety: started (concurrently)")
-        futures = {name: reward_task.submit(c, inputs, stages.dir(name)) for name, c in configs.items()}
+        futures = {name: reward_task.submit(c, inputs, stages.dir(name), tracking=stages.tracking)
+                   for name, c in configs.items()}
         wait(list(futures.values()))
         for name, future in futures.items():
             stages.record(name, future.result)

@@ -66,5 +66,6 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
             stages.run("export", export_task, cfg.export, ExportInputs(checkpoint=ppo["final"]), stages.dir("export"))
         out = report_task(cfg.run_dir, cfg.preset, {k: v for k, v in stages.results.items() if k != "data"}, ev,
                           "ppo")
+        stages.close(out)
         say(f"pipeline finished; report: {out['report_md']}")
         return out

@@ -22,10 +22,13 @@ from .stages.ppo import PPOConfig
 from .stages.rejection_sampling import RejectionSamplingConfig
 from .stages.reward import RewardConfig
 from .stages.sft import SFTConfig
+from .tracking import DEFAULT_EXPERIMENT, Backend, TrackingSettings, default_settings
 
 PipelinePreset = Literal["demo-tiny", "demo-micro", "llama2-7b-lora", "llama2-7b", "llama2-13b-lora",
                          "llama2-70b-lora"]
 PIPELINE_PRESETS: tuple[str, ...] = PipelinePreset.__args__  # type: ignore[attr-defined]
+# The stages a run can take from another run directory (``PipelineConfig.shared_from``): what a sweep's trials share.
+SHARED_STAGES = ("data", "sft", "reward-helpfulness", "reward-safety")
 assert set(PIPELINE_PRESETS) == set(PRESETS), "presets.py and PipelinePreset name the same presets"
 
 
@@ -62,6 +65,12 @@ class ResolvedPipeline(BaseModel):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    # where the upstream stages (data, tokenizer, SFT, reward models) live: run_dir, or a shared run's (sweeps)
+    shared_dir: str | None = None
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+
+    def upstream_dir(self) -> str:
+        return self.shared_dir or self.run_dir
 
 
 class PipelineConfig(BaseModel):
@@ -83,6 +92,13 @@ class PipelineConfig(BaseModel):
         None, description="train both reward models at once (default: on a GPU machine or a CPU with >= 8 cores)")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description='e.g. {"ppo.iterations": 50, "sft.learning_rate": 1e-5}')
+    # --- experiment tracking and shared upstream stages (README: "Experiment tracking", "Sweeps") ---
+    tracking: list[Backend] = Field(default_factory=list, description="log params, metrics and artifacts to mlflow "
+                                    "and/or tensorboard (needs the [tracking] extra)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<runs_root>/mlflow.db)")
+    tracking_experiment: str | None = Field(None, description="MLflow experiment (default: llama2-align)")
+    shared_from: str | None = Field(None, description="a run directory whose data, tokenizer, SFT and reward models "
+                                                      "this run uses and writes (sweeps share them); default: its own")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -114,7 +130,8 @@ def _set_path(tree: dict, dotted: str, value: Any, known: dict) -> None:
 
 def _defaults() -> dict:
     """The paper's recipe: every stage config's own defaults, as a tree of plain values."""
-    return ResolvedPipeline(preset="", run_dir="", base_model="").model_dump(exclude={"preset", "run_dir"})
+    return ResolvedPipeline(preset="", run_dir="", base_model="").model_dump(
+        exclude={"preset", "run_dir", "shared_dir", "tracking"})
 
 
 def resolve(config: PipelineConfig) -> ResolvedPipeline:
@@ -135,6 +152,9 @@ def resolve(config: PipelineConfig) -> ResolvedPipeline:
         tree["export"]["enabled"] = config.export
     for key, value in config.overrides.items():
         _set_path(tree, key, value, known)
+    tree["shared_dir"] = config.shared_from
+    tree["tracking"] = default_settings(config.tracking, config.runs_root, config.tracking_uri,
+                                        config.tracking_experiment or DEFAULT_EXPERIMENT)
     tree["reward_helpfulness"]["kind"] = "helpfulness"
     tree["reward_safety"]["kind"] = "safety"
     resolved = ResolvedPipeline.model_validate(tree)

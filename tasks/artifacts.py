@@ -46,7 +46,7 @@ def _stage_file(result: StageResult, name: str) -> Path | None:
     return path if path.exists() else None
 
 
-def summary_markdown(result: StageResult) -> str:
+def summary_markdown(result: StageResult, tracking_link: str | None = None) -> str:
     prov = result.provenance or {}
     lines = [
         f"# {result.stage}: {result.status}",
@@ -56,6 +56,8 @@ def summary_markdown(result: StageResult) -> str:
         f"- **steps**: {result.steps}",
         f"- **wall time**: {result.duration_s:.1f} s",
     ]
+    if tracking_link:
+        lines.append(f"- **MLflow run**: {tracking_link}")
     if prov.get("device") is not None:
         lines.append(f"- **device**: {_fmt(prov['device'])}")
     if prov.get("world_size"):
@@ -118,8 +120,9 @@ def sample_rows(samples: list[dict], max_chars: int = 400) -> list[dict[str, str
     return [{k: str(v)[:max_chars] for k, v in s.items()} for s in samples]
 
 
-def publish_stage_artifacts(result: StageResult) -> dict[str, str]:
-    """Create the stage's artifacts in the current Prefect run; returns ``{kind: key}``."""
+def publish_stage_artifacts(result: StageResult, tracking_link: str | None = None) -> dict[str, str]:
+    """Create the stage's artifacts in the current Prefect run; returns ``{kind: key}``. ``tracking_link``: where
+    the stage's MLflow run is (``llama2_align.tracking.run_link``), shown in the summary."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     stage = result.stage
@@ -129,7 +132,7 @@ def publish_stage_artifacts(result: StageResult) -> dict[str, str]:
         keys[kind] = artifact_key(stage, kind)
         return keys[kind]
 
-    create_markdown_artifact(summary_markdown(result), key=key("summary"),
+    create_markdown_artifact(summary_markdown(result, tracking_link), key=key("summary"),
                              description=f"{stage}: what was trained, from what, how, where the output is")
     create_table_artifact(metrics_rows(result.metrics), key=key("metrics"), description=f"{stage}: final metrics")
     if isinstance(result.metrics.get("accuracy_table"), dict):

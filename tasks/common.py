@@ -36,6 +36,7 @@ from llama2_align.errors import InputError
 from llama2_align.launch import LaunchError, launch_stage, should_launch
 from llama2_align.procs import exit_when_parent_dies
 from llama2_align.stages.common import RESULT_FILE, StageResult, input_fingerprints
+from llama2_align.tracking import TrackingSettings, track_stage
 
 from .artifacts import artifact_key, publish_stage_artifacts
 
@@ -314,39 +315,47 @@ class PrefectProgress:
         self.console.close()
 
 
-def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs: BaseModel, out_dir: str | Path
-              ) -> dict:
+def run_stage(stage: str, run_fn: Callable[..., StageResult], config: C, inputs: BaseModel, out_dir: str | Path,
+              tracking: TrackingSettings | None = None) -> dict:
     """The body of every stage task: run the library stage with OOM back-off and progress, publish artifacts,
-    return the StageResult as a dict. Validation errors are logged and re-raised (their message is the state's)."""
+    return the StageResult as a dict. Validation errors are logged and re-raised (their message is the state's).
+    With ``tracking``, the progress events and the result also go to the trackers (``llama2_align.tracking``)."""
     import multiprocessing
 
     if multiprocessing.parent_process() is not None:  # a process-pool worker (the concurrent reward models)
         exit_when_parent_dies()
     logger = get_run_logger()
-    progress = PrefectProgress(stage, logger)
     logger.info(f"{stage}: inputs {inputs.model_dump()} -> {out_dir}")
+    with track_stage(tracking, stage, config, out_dir) as tracked:
+        prefect_progress = PrefectProgress(stage, logger)
 
-    def call(cfg):
-        if should_launch(cfg):  # several processes: torchrun as a subprocess; an OOM in it reads "CUDA out of memory"
-            return launch_stage(stage, cfg, inputs, out_dir, cfg.num_processes, log=logger.info, progress=progress)
-        return run_fn(cfg, inputs, out_dir, progress=progress)
+        def progress(event: dict) -> None:
+            prefect_progress(event)
+            tracked.progress(event)
 
-    try:
-        result, used = run_with_oom_backoff(call, config, warn=logger.warning, stage=stage)
-    except Exception as exc:
-        progress.close()
-        if is_validation_error(exc):
-            logger.error(f"{stage}: refused its inputs (not retried): {exc}")
-        elif is_transient(exc):
-            logger.warning(f"{stage}: transient failure, Prefect may retry (resuming from the last checkpoint): "
-                           f"{exc!r}")
-        else:
-            logger.error(f"{stage}: failed: {exc!r}")
-        raise
+        def call(cfg):
+            if should_launch(cfg):  # several processes: torchrun as a subprocess; an OOM reads "CUDA out of memory"
+                return launch_stage(stage, cfg, inputs, out_dir, cfg.num_processes, log=logger.info,
+                                    progress=progress)
+            return run_fn(cfg, inputs, out_dir, progress=progress)
+
+        try:
+            result, used = run_with_oom_backoff(call, config, warn=logger.warning, stage=stage)
+        except Exception as exc:
+            prefect_progress.close()
+            if is_validation_error(exc):
+                logger.error(f"{stage}: refused its inputs (not retried): {exc}")
+            elif is_transient(exc):
+                logger.warning(f"{stage}: transient failure, Prefect may retry (resuming from the last checkpoint): "
+                               f"{exc!r}")
+            else:
+                logger.error(f"{stage}: failed: {exc!r}")
+            raise
+        tracked.finish(result)
     if used is not config:
         logger.warning(f"{stage}: finished with {used.batch_summary()} after OOM back-off")
-    progress.close()
-    progress.update(100.0, f"{stage}: done ({result.steps} steps)")
-    publish_stage_artifacts(result)
+    prefect_progress.close()
+    prefect_progress.update(100.0, f"{stage}: done ({result.steps} steps)")
+    publish_stage_artifacts(result, tracking_link=tracked.link)
     logger.info(f"{stage}: done in {result.duration_s:.1f}s, output {result.final or result.out_dir}")
     return result.model_dump(mode="json")

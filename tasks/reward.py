@@ -6,15 +6,17 @@ from __future__ import annotations
 from prefect import task
 
 from llama2_align.stages.reward import RewardConfig, RewardInputs, run_reward
+from llama2_align.tracking import TrackingSettings
 
 from .common import STAGE_TASK_OPTIONS, run_stage
 
 
 @task(name="reward", task_run_name="reward-{config.kind}", **STAGE_TASK_OPTIONS)
-def reward_task(config: RewardConfig, inputs: RewardInputs, out_dir: str) -> dict:
+def reward_task(config: RewardConfig, inputs: RewardInputs, out_dir: str,
+                tracking: TrackingSettings | None = None) -> dict:
     """Train one reward model into ``out_dir``; the result's metrics hold the held-out accuracy table."""
     _share_cpu_cores()
-    return run_stage(f"reward-{config.kind}", run_reward, config, inputs, out_dir)
+    return run_stage(f"reward-{config.kind}", run_reward, config, inputs, out_dir, tracking)
 
 
 def _share_cpu_cores() -> None:
