@@ -128,6 +128,24 @@ def _set_path(tree: dict, dotted: str, value: Any, known: dict) -> None:
             ref = ref[part]
 
 
+#: The sections whose ``seed`` follows the demo world's seed.
+SEEDED_SECTIONS = ("sft", "reward_helpfulness", "reward_safety", "rejection_sampling", "rejection_sampling.sft", "ppo",
+                   "eval")
+
+
+def _derive_seeds(tree: dict, overrides: dict) -> None:
+    """On the demo world, every stage's seed (model initialisation, data order, sampling) is its preset seed plus
+    ``data.demo_seed``, so ``data.demo_seed=N`` is a whole independent run, and seed 0 is the preset as it is. A seed
+    set explicitly (``--set ppo.seed=7``) is kept."""
+    offset = int(tree["data"]["demo_seed"])
+    for section in SEEDED_SECTIONS:
+        node = tree
+        for part in section.split("."):
+            node = node[part]
+        if f"{section}.seed" not in overrides:
+            node["seed"] = int(node["seed"]) + offset
+
+
 def _defaults() -> dict:
     """The paper's recipe: every stage config's own defaults, as a tree of plain values."""
     return ResolvedPipeline(preset="", run_dir="", base_model="").model_dump(
@@ -152,6 +170,8 @@ def resolve(config: PipelineConfig) -> ResolvedPipeline:
         tree["export"]["enabled"] = config.export
     for key, value in config.overrides.items():
         _set_path(tree, key, value, known)
+    if tree["data"]["source"] == "demo":
+        _derive_seeds(tree, config.overrides)
     tree["shared_dir"] = config.shared_from
     tree["tracking"] = default_settings(config.tracking, config.runs_root, config.tracking_uri,
                                         config.tracking_experiment or DEFAULT_EXPERIMENT)

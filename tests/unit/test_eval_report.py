@@ -197,5 +197,14 @@ def test_pipeline_config_presets_and_overrides():
         resolve(PipelineConfig(overrides={"ppo.iterations": "many"}))
     with pytest.raises(ValueError, match="data.sft"):
         resolve(PipelineConfig(data={"source": "files"}))
+    # the demo world's seed moves every stage's seed with it (seed 0: the preset as it is); an explicit seed stays
+    r0, r2 = resolve(PipelineConfig()), resolve(PipelineConfig(overrides={"data.demo_seed": 2, "ppo.seed": 9}))
+    assert (r0.sft.seed, r0.reward_helpfulness.seed, r0.ppo.seed, r0.eval.seed) == (0, 0, 0, 1234)
+    assert (r2.sft.seed, r2.reward_safety.seed, r2.rejection_sampling.seed, r2.rejection_sampling.sft.seed,
+            r2.eval.seed) == (2, 2, 2, 2, 1236)
+    assert r2.ppo.seed == 9
+    assert resolve(PipelineConfig(data={"demo_seed": 1})).sft.seed == 1
+    assert resolve(PipelineConfig(data={"source": "files", "demo_seed": 1, "sft": "a", "preferences": "b",
+                                        "prompts": "c", "eval": "d"})).sft.seed == 0
     schema = PipelineConfig.model_json_schema()
     assert "demo-tiny" in schema["properties"]["preset"]["enum"]
