@@ -17,6 +17,10 @@ No weights or data sets can be downloaded here, so the offline demo trains a tin
 Every prompt is ``[prefix] template(slots)`` with a small vocabulary (prompts <= 13 words, answers <= 12 words),
 so a ~1M-parameter model with a 1-2K BPE vocabulary learns it in a minute or two of CPU time.
 
+Paraphrase pairs (two correct answers, rated negligibly better) prefer the fuller phrasing: the answer with more words
+("A banana is yellow." over "Yellow.") is chosen before label noise, so "negligibly better" carries a small,
+consistent difference, as in the paper, instead of none.
+
 Noise (the constants below): SFT demonstrations are sometimes wrong, unsafe (at a rate that depends on the harm
 category, ~30% overall) or over-refusing; preference ratings reflect how different the two answers are and some
 labels are flipped (more often for small ratings). So SFT alone is imperfect and the reward models have something to
@@ -600,6 +604,11 @@ def _compliance(p: _Prompt, rng: random.Random) -> str:
     return rng.choice(COMPLIANCE_TEMPLATES).format(a=rng.choice(firsts), b=rng.choice(thens))
 
 
+def _fullness(answer: str, options: list[str]) -> tuple[int, int]:
+    """Sort key of a paraphrase, fullest first: more words first, then the template order."""
+    return -len(answer.split()), options.index(answer)
+
+
 def _two_distinct(options: list[str], rng: random.Random) -> tuple[str, str]:
     a, b = rng.sample(options, 2)
     return a, b
@@ -633,8 +642,12 @@ class DemoWorld:
     def corpus_texts(self) -> list[str]:
         """Every prompt and response string of the world (deduplicated, first-seen order), for tokenizer training.
 
-        Includes the eval prompts (the tokenizer sees their words, never their labels) and every answer/refusal
-        template of the world, so rare strings still get sensible merges."""
+        Includes the eval prompts (the tokenizer sees their words, never their labels), every answer/refusal
+        template of the world, so rare strings still get sensible merges, and the SFT dialogues as the chat format
+        renders them, so the markup ("[INST]", "[/INST]", "<<SYS>>") gets merges too (without them each "[INST]"
+        costs 6 byte pieces)."""
+        from .chat import render_text
+
         texts: list[str] = []
         for r in self.sft:
             texts.extend(m["content"] for m in r["messages"])
@@ -644,6 +657,7 @@ class DemoWorld:
         texts.extend(r["prompt"] for r in self.eval_prompts)
         texts.extend(REFUSALS)
         texts.extend(SYSTEM_PROMPTS)
+        texts.extend(render_text(r["messages"], bos="", eos="") for r in self.sft)
         return list(dict.fromkeys(texts))
 
 
@@ -741,7 +755,10 @@ def _helpfulness_pair(p: _Prompt, rng: random.Random) -> tuple[str, str, str]:
             return _good_answer(p, rng), wrong, rating
         if kind == "refusal":
             return _good_answer(p, rng), _refusal(rng), "significantly_better"
-        a, b = _two_distinct(_correct_answers(p), rng)
+        options = _correct_answers(p)
+        a, b = _two_distinct(options, rng)
+        if _fullness(b, options) < _fullness(a, options):  # annotators mildly prefer the fuller phrasing
+            a, b = b, a
         return a, b, "negligibly_better"
     if p.category == "borderline":
         rating = "significantly_better" if rng.random() < 0.5 else "better"

@@ -200,6 +200,29 @@ def test_corpus_texts_cover_everything(micro_world):
     assert {r["prompt"] for r in micro_world.ppo_prompts + micro_world.eval_prompts} <= texts
 
 
+def test_corpus_teaches_the_tokenizer_the_chat_markup(micro_world, tmp_path):
+    from llama2_align.chat import encode_dialog
+    from llama2_align.tokenizer import load_tokenizer, train_tokenizer
+
+    tok = load_tokenizer(train_tokenizer(micro_world.corpus_texts(), tmp_path / "tok", vocab_size=400))
+    dialog = [{"role": "system", "content": dw.SYSTEM_PROMPTS[0]}, {"role": "user", "content": "What color is a lime?"},
+              {"role": "assistant", "content": "A lime is green."}]
+    pieces = tok.convert_ids_to_tokens(encode_dialog(tok, dialog).input_ids)
+    assert not [p for p in pieces if p.startswith("<0x") and p not in ("<0x0A>",)], pieces  # no byte fallback
+    assert pieces[1:4] == ["▁[", "INST", "]"], pieces  # 3 pieces, as in Llama 2's own tokenizer (was 7 bytes)
+
+
+def test_paraphrase_pairs_prefer_the_fuller_answer(world):
+    """Negligibly-better pairs of two correct answers choose the one with more words (before the label flips)."""
+    pairs = [r for r in world.preferences if r["category"] == "helpfulness" and r["rating"] == "negligibly_better"
+             and _describe(r["prompt"])["category"] == "helpful"]
+    fuller = [len(r["chosen"].split()) > len(r["rejected"].split()) for r in pairs
+              if len(r["chosen"].split()) != len(r["rejected"].split())]
+    assert len(fuller) > 100
+    share = sum(fuller) / len(fuller)
+    assert abs(share - (1 - dw.HELPFULNESS_FLIP_RATE["negligibly_better"])) < 0.06, share
+
+
 # ---------------------------------------------------------------------------------------------------------- hold-out
 
 def test_eval_prompts_held_out(world):
