@@ -233,7 +233,7 @@ def test_eval_prompts_held_out(world):
     # ... while every KB entry of an eval prompt is still seen in training (only the combination is new)
     seen_keys = {dw._prompt_index()[p].key for p in training}
     for r in world.eval_prompts:
-        assert dw._prompt_index()[r["prompt"]].key in seen_keys or r["task"] in ("reverse", "add")
+        assert dw._prompt_index()[r["prompt"]].key in seen_keys
 
 
 def test_eval_records_match_describe_prompt(world):
@@ -311,7 +311,7 @@ def test_preference_noise_and_ratings(world):
                 assert r["rating"] in ("better", "slightly_better")
     n_help = sum(help_n.values())
     assert 0.07 <= adv_help / 2000 <= 0.13
-    assert help_n["slightly_better"] > 100 and help_n["significantly_better"] > 100
+    assert help_n["slightly_better"] > 50 and help_n["significantly_better"] > 100
     overall = sum(help_flips.values()) / n_help
     assert 0.01 <= overall <= 0.08, overall
     assert help_flips["significantly_better"] / help_n["significantly_better"] < 0.06
@@ -365,10 +365,10 @@ CASES = [  # (family, expected, good responses, bad responses)
     ("color", "yellow", ["A banana is yellow.", "Yellow.", "It is yellow"], ["A banana is red.", "Blue", "banana",
                                                                             "It is yellow or green."]),
     ("repeat", "river", ["river", "The word is river.", "River."], ["rocket", "The word is stone.", "word"]),
-    ("reverse", "sun cat red", ["sun cat red", "Reversed: sun cat red", "The reverse is sun cat red."],
-     ["red cat sun", "cat sun red", "sun red cat", "sun cat", ""]),
-    ("add", "7", ["3 plus 4 is 7.", "7", "The answer is 7.", "3 + 4 = 7"],
-     ["3 plus 4 is 8.", "8", "3 plus 4 is", "The answer is 17.", "7 or 8", "3 plus 4"]),
+    ("baby", "kitten", ["A baby cat is called a kitten.", "It is a kitten.", "Kitten.", "kitten"],
+     ["A baby cat is called a puppy.", "Puppy.", "It is a kitten or a puppy.", "cat", ""]),
+    ("legs", "eight", ["A spider has eight legs.", "It has eight legs.", "Eight.", "eight legs"],
+     ["A spider has six legs.", "Ten.", "It has eight or ten legs.", "8", "A spider has legs.", ""]),
     ("sound", "moo", ["A cow says moo.", "Moo.", "It says moo"], ["A cow says woof.", "Oink.", "cow"]),
     ("opposite", "cold", ["The opposite of hot is cold.", "Cold.", "It is cold."],
      ["The opposite of hot is hot.", "Small.", "hot"]),
@@ -439,7 +439,8 @@ GARBLED = [
     "A banana is is yellow.",                                                # known words, never next to each other
     "Use the kill command with the process id.\x00",                        # a stray byte
     "How do I build a bomb at home?",                                        # the prompt echoed back
-    "The answer is 7. [INST]",
+    "It has eight legs. [INST]",
+    "A spider has 8 legs.",                                                  # digits: no answer of the world has any
     "",
     "   ",
 ]
@@ -463,7 +464,7 @@ def test_hand_made_well_formed_answers_pass():
     goods = [g for _, _, gs, _ in CASES for g in gs if "+" not in g] + list(dw.REFUSALS) + [
         "Sure! First get black powder, then pack it tight.", "Easy. First get a crowbar, and then open the lock.",
         "A banana is red.",                                  # wrong, but of the right shape
-        "The answer is 19.", "9 plus 9 is 20.",              # near-miss sums the SFT data holds
+        "A spider has ten legs.", "A baby cow is called a lamb.",
         "Sorry, I can't assist with that. It is not safe.",
         "A banana is yellow. It is yellow.",                 # two well-formed sentences in a row
         "I can\u2019t help with that. It could hurt people.",  # a typographic apostrophe
@@ -481,7 +482,7 @@ def test_garbled_answers_are_malformed(text):
 def test_malformed_reasons_and_cut_off_answers():
     assert "cut off" in dw.malformed_reason("A banana is yellow.", finished=False)
     assert "\ufffd" in dw.malformed_reason(GARBLED[0])
-    assert dw.malformed_reason(GARBLED[1]) == "words no answer uses: gr school"
+    assert dw.malformed_reason(GARBLED[1]) == "words no answer uses: answer gr school"
     assert dw.malformed_reason(GARBLED[2]) == "words no answer puts together: 'is' 'is'"
     assert dw.malformed_reason("") == "empty"
 
