@@ -20,6 +20,9 @@ No weights or data sets can be downloaded here, so the offline demo trains a tin
 Every prompt is ``[prefix] template(slots)`` with a small vocabulary (prompts <= 13 words, answers <= 12 words),
 so a ~1M-parameter model with a 1-2K BPE vocabulary learns it in a minute or two of CPU time.
 
+Helpfulness pairs also hold broken answers (a stretch said twice, a word broken by a stray fragment, a stray word),
+rejected against the clean answer they were made from: the degenerate samples a real annotator sees and rejects.
+
 Paraphrase pairs (two correct answers, rated negligibly better) prefer the fuller phrasing: the answer with more words
 ("A banana is yellow." over "Yellow.") is chosen before label noise, so "negligibly better" carries a small,
 consistent difference, as in the paper, instead of none.
@@ -116,7 +119,13 @@ SFT_SYSTEM_PROMPT_RATE = 0.10
 #: Helpfulness preference pairs by prompt category.
 HELPFULNESS_MIX = {"helpful": 0.70, "borderline": 0.20, "adversarial": 0.10}
 #: Kinds of helpfulness pairs on helpful prompts: correct vs wrong, correct vs refusal, two correct paraphrases.
-HELPFUL_PAIR_KIND_MIX = {"wrong": 0.65, "refusal": 0.15, "paraphrase": 0.20}
+HELPFUL_PAIR_KIND_MIX = {"wrong": 0.55, "refusal": 0.15, "paraphrase": 0.15, "broken": 0.15}
+#: Kinds of helpfulness pairs on borderline prompts: helpful answer vs refusal, vs a broken copy of itself.
+BORDERLINE_PAIR_KIND_MIX = {"refusal": 0.70, "broken": 0.30}
+#: What a broken answer (a degenerate model sample an annotator rejects) may hold: a glued-on fragment of a word, or
+#: a word from elsewhere in the world.
+BROKEN_FRAGMENTS = ("t", "ap", "br", "ain", "ou", "nd", "gr", "ck")
+BROKEN_FILLERS = ("the", "a", "is", "owl", "egg", "water", "and", "of", "it", "red", "six", "light")
 #: Probability that a helpfulness label is flipped (chosen <-> rejected), by rating: ~5% overall.
 HELPFULNESS_FLIP_RATE = {"significantly_better": 0.02, "better": 0.04, "slightly_better": 0.08,
                          "negligibly_better": 0.15}
@@ -572,6 +581,26 @@ def _wrong_answer(p: _Prompt, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"no wrong answer for {f!r}")
 
 
+def _broken(answer: str, rng: random.Random) -> str:
+    """A degenerate copy of an answer, as a sampled model writes it: a stretch said twice, a word broken by a glued-on
+    fragment, or a stray word from elsewhere in the world. Never equal to the answer."""
+    words = answer.split()
+    how = rng.randrange(3)
+    if how == 0 and len(words) >= 3:  # stutter, up to 3 words said twice: "Tap the egg on the egg on the edge ..."
+        i = rng.randrange(1, len(words))
+        out = words[:i] + words[max(rng.randrange(0, i), i - 3):]
+    elif how == 2:  # a stray word: "A baby dog is called a owl puppy."
+        out = list(words)
+        out.insert(rng.randrange(len(words) + 1), rng.choice(BROKEN_FILLERS))
+    else:  # a broken word: "Pull them outain root."
+        out = list(words)
+        i = rng.randrange(len(words))
+        w = out[i].rstrip(".!?")
+        out[i] = w[: max(1, len(w) // 2)] + rng.choice(BROKEN_FRAGMENTS) + out[i][len(w):]
+    broken = " ".join(out)
+    return broken if broken != answer else broken + " " + rng.choice(BROKEN_FILLERS)  # (a one-letter word)
+
+
 def _refusal(rng: random.Random) -> str:
     return rng.choice(REFUSALS)
 
@@ -732,12 +761,18 @@ def _helpfulness_pair(p: _Prompt, rng: random.Random) -> tuple[str, str, str]:
             return _good_answer(p, rng), wrong, rating
         if kind == "refusal":
             return _good_answer(p, rng), _refusal(rng), "significantly_better"
+        if kind == "broken":
+            good = _good_answer(p, rng)
+            return good, _broken(good, rng), "significantly_better" if rng.random() < 0.5 else "better"
         options = _correct_answers(p)
         a, b = _two_distinct(options, rng)
         if _fullness(b, options) < _fullness(a, options):  # annotators mildly prefer the fuller phrasing
             a, b = b, a
         return a, b, "negligibly_better"
     if p.category == "borderline":
+        if _pick(BORDERLINE_PAIR_KIND_MIX, rng) == "broken":
+            good = _good_answer(p, rng)
+            return good, _broken(good, rng), "significantly_better" if rng.random() < 0.5 else "better"
         rating = "significantly_better" if rng.random() < 0.5 else "better"
         return _good_answer(p, rng), _refusal(rng), rating
     # adversarial: a helpfulness annotator mildly prefers the compliant answer (helpfulness/safety tension)

@@ -185,8 +185,8 @@ def test_system_prompts_and_lengths(world):
     for r in world.sft:
         assert len(_user(r).split()) <= 16
         assert len(_answer(r).split()) <= 12
-    for r in world.preferences:
-        assert len(r["chosen"].split()) <= 12 and len(r["rejected"].split()) <= 12
+    for r in world.preferences:  # a broken answer (a stutter, a stray word) may run a few words longer
+        assert len(r["chosen"].split()) <= 15 and len(r["rejected"].split()) <= 15
 
 
 def test_corpus_texts_cover_everything(micro_world):
@@ -280,7 +280,7 @@ def test_sft_noise_rates(world):
 def test_preference_noise_and_ratings(world):
     help_flips, help_n = Counter(), Counter()
     safe_flip = safe_n = 0
-    adv_help = 0
+    adv_help = broken_n = broken_flips = 0
     for r in world.preferences:
         d = _describe(r["prompt"])
         assert r["harm_category"] == d["harm_category"]
@@ -291,11 +291,16 @@ def test_preference_noise_and_ratings(world):
                 adv_help += 1
                 assert r["rating"] in ("slightly_better", "negligibly_better")
                 assert jc.violation != jr.violation
+            elif jc.malformed != jr.malformed:  # a clean answer against a broken copy of itself
+                assert r["rating"] in ("significantly_better", "better") and not (jc.refusal or jr.refusal)
+                broken_n += 1
+                broken_flips += jc.malformed
             elif jc.correct != jr.correct:
                 help_n[r["rating"]] += 1
                 help_flips[r["rating"]] += not jc.correct
             else:
-                assert r["rating"] == "negligibly_better" and jc.correct and jr.correct  # paraphrases
+                # paraphrases; or a broken copy the oracle still finds well-formed (a stray "the" where one fits)
+                assert jc.correct and jr.correct and r["rating"] != "slightly_better"
             if jc.refusal != jr.refusal and d["category"] != "adversarial":
                 assert r["rating"] in ("significantly_better", "better")
         else:
@@ -310,6 +315,7 @@ def test_preference_noise_and_ratings(world):
                 assert r["chosen_safe"] and r["rejected_safe"]
                 assert r["rating"] in ("better", "slightly_better")
     n_help = sum(help_n.values())
+    assert 0.08 <= broken_n / 2000 <= 0.2 and broken_flips / broken_n < 0.08
     assert 0.07 <= adv_help / 2000 <= 0.13
     assert help_n["slightly_better"] > 50 and help_n["significantly_better"] > 100
     overall = sum(help_flips.values()) / n_help
@@ -449,9 +455,20 @@ GARBLED = [
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_every_answer_the_world_writes_is_well_formed(seed):
     """Every SFT answer and both sides of every preference pair (correct, wrong, refusal, compliance, borderline
-    answers of every family) pass, and so does every text the check is built from."""
+    answers of every family) pass, except the broken copies that helpfulness pairs reject on purpose, and so does
+    every text the check is built from."""
     world = generate_demo_world(seed)
-    texts = [_answer(r) for r in world.sft] + [t for r in world.preferences for t in (r["chosen"], r["rejected"])]
+    texts = [_answer(r) for r in world.sft]
+    for r in world.preferences:
+        pair = [r["chosen"], r["rejected"]]
+        broken = [t for t in pair if dw.is_malformed(t)]
+        if broken:  # one broken side, made from the other (clean) side, in a clearly rated helpfulness pair
+            assert len(broken) == 1 and r["category"] == "helpfulness", r
+            assert r["rating"] in ("significantly_better", "better"), r
+            clean = pair[1 - pair.index(broken[0])]
+            assert len(set(clean.split()) & set(broken[0].split())) >= len(set(clean.split())) - 1, r
+            pair.remove(broken[0])
+        texts += pair
     families = {dw._prompt_index()[_user(r)].task for r in world.sft}
     assert families == set(dw.TASK_FAMILIES) | {dw.ADVERSARIAL_TASK, dw.BORDERLINE_TASK}
     bad = [(t, dw.malformed_reason(t)) for t in texts if dw.is_malformed(t)]
