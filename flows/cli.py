@@ -87,6 +87,10 @@ def run(
         "--export/--no-export", help="Export the final policy (an HF directory and a GGUF file) at the end.")] = None,
     tracking: TrackingOption = None,
     tracking_uri: TrackingUriOption = None,
+    seeds: Annotated[Optional[str], typer.Option(
+        "--seeds", help="Run the pipeline once per demo seed, e.g. --seeds 0,1,2 (runs <run-name>-s<seed>) and "
+                        "write <run-name>-seeds/summary.{json,md}: every headline metric per seed, its spread, "
+                        "the demo bar per seed.")] = None,
     print_config: Annotated[bool, typer.Option(
         "--print-config", help="Print the fully resolved config (every stage's settings) as JSON and exit.")] = False,
 ) -> None:
@@ -96,6 +100,7 @@ def run(
     stage that fails prints one paragraph (the stage, the error, the log file with the traceback, how to resume)."""
     given = {"preset": preset, "run_name": run_name, "runs_root": runs_root, "rejection_sampling": rejection_sampling,
              "export": export, "tracking": tracking or None, "tracking_uri": tracking_uri}
+    seed_list = _parse_seeds(seeds)
     if print_config:
         _, resolved = _preflight(config, set_, given, check_inputs=False)
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
@@ -120,6 +125,8 @@ def run(
     from llama2_align.errors import InputError
     from llama2_align.report import headline_text
 
+    if seed_list is not None:
+        return _run_seeds(pipeline_config, seed_list)
     log_file = _log_to_file(Path(resolved.run_dir))
     typer.echo(f"run directory {resolved.run_dir}; full log: {log_file}")
     local_api.adopt()
@@ -142,6 +149,47 @@ def run(
         typer.echo(f"artifacts (summaries, metrics, curves, samples, the report) are in the Prefect database under "
                    f"{os.environ.get('PREFECT_HOME', '~/.prefect')}: `make server`, then open http://127.0.0.1:4200 "
                    "(Runs -> rlhf-pipeline -> Artifacts)")
+
+
+def _parse_seeds(seeds: str | None) -> list[int] | None:
+    if seeds is None:
+        return None
+    try:
+        return [int(s) for s in seeds.replace(" ", ",").split(",") if s]
+    except ValueError:
+        fail(f"--seeds {seeds!r}: expected integers separated by commas, e.g. --seeds 0,1,2", EXIT_USAGE)
+
+
+def _run_seeds(pipeline_config, seeds: list[int]) -> None:
+    """The rlhf-seeds flow: the pipeline once per seed, then the summary across seeds (printed, and on disk)."""
+    from flows import local_api
+    from flows.seeds import rlhf_seeds
+    from llama2_align.errors import InputError
+    from llama2_align.seeds import seed_configs, seeds_dir, table_rows
+
+    try:
+        seed_configs(pipeline_config, seeds)
+    except InputError as err:
+        local_api.stop()
+        fail(str(err), EXIT_USAGE)
+    log_file = _log_to_file(seeds_dir(pipeline_config))
+    typer.echo(f"seeds {', '.join(map(str, seeds))} -> {seeds_dir(pipeline_config)}; full log: {log_file}")
+    local_api.adopt()
+    try:
+        out = rlhf_seeds(config=pipeline_config, seeds=seeds)
+    except InputError as err:
+        fail(str(err), EXIT_REFUSED)
+    except Exception as err:
+        _explain_failure(f"the seed sweep failed: {type(err).__name__}: {_first_lines(err)}", log_file,
+                         "finished runs and stages are kept; run the same command again to resume.")
+    summary = json.loads(Path(out["summary_json"]).read_text())
+    rows = table_rows(summary)
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    typer.echo("\n" + "  ".join(c.ljust(widths[c]) for c in cols))
+    typer.echo("\n".join("  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows))
+    typer.echo(f"\ndemo bar on every seed: {'PASSED' if summary['bar_passed_all'] else 'NOT MET'}")
+    typer.echo(f"summary: {out['summary_md']} (and summary.json beside it)")
 
 
 def _first_lines(error: BaseException, n: int = 6) -> str:

@@ -129,9 +129,9 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async with PrefectClient(api=api_url) as client:
-        # All six deployments, on the GPU pool, with inactive schedules where they have any.
+        # All seven deployments, on the GPU pool, with inactive schedules where they have any.
         deployments = {d.name: d for d in await client.read_deployments()}
-        assert {"rlhf-pipeline", "rlhf-sweep", "rlhf-eval", "sft", "reward", "ppo"} <= set(deployments), \
+        assert {"rlhf-pipeline", "rlhf-seeds", "rlhf-sweep", "rlhf-eval", "sft", "reward", "ppo"} <= set(deployments), \
             deployments.keys()
         assert deployments["rlhf-sweep"].parameters["sweep"]["grid"] == {"ppo.kl_beta": [0.01, 0.02, 0.05, 0.1]}
         for name, d in deployments.items():
