@@ -66,6 +66,9 @@ class RewardInputs(BaseModel):
     sft_model: str  # the SFT checkpoint (its tokenizer is used)
     data: str  # preference pairs of both categories
     data_format: Literal["auto", "native", "hh-rlhf", "pku-saferlhf"] = "auto"
+    # A reward model to start from instead of the SFT checkpoint (its score head included): iterative rounds
+    # warm-start each round's reward models from the previous round's.
+    init: str | None = None
 
 
 def margin_for(rating: str, table: str) -> float:
@@ -219,8 +222,10 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
     train_recs = mix_training_pairs(train_pool, config)
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the SFT checkpoint itself.
-    model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=config.dtype, seed=config.seed,
+    # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the checkpoint it starts from
+    # (the SFT checkpoint, or the reward model it is warm-started from).
+    start = inputs.init or inputs.sft_model
+    model = build_model(start, "reward", lora=config.lora, dtype=config.dtype, seed=config.seed,
                         gradient_checkpointing=config.gradient_checkpointing, continue_adapter=False)
     train_ds = Dataset.from_list(tokenize_pairs(tokenizer, train_recs, config.margin))
     eval_recs = [r for r in heldout if r.category == config.kind][:256]
@@ -235,7 +240,7 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
     artifacts: dict[str, str] = {}
     if dist.is_main():
         final = save_model(trainer.model, run.out_dir / FINAL_DIR, tokenizer, role="reward",
-                           base=inputs.sft_model if is_peft(trainer.model) else None)
+                           base=start if is_peft(trainer.model) else None)
         scorer = RewardScorer(final, model=freeze(trainer.model), tokenizer=tokenizer,
                               batch_size=config.score_batch_size)
         metrics = evaluate_pairs(scorer, heldout, config.unsafe_threshold)
