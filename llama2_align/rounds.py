@@ -141,7 +141,7 @@ _DEMO_ROUNDS = {
 }
 _GPU_ROUNDS = {"collect.max_new_tokens": 512, "collect.generation_batch_size": 32}
 ROUND_PRESETS: dict[str, dict[str, Any]] = {
-    "demo-tiny": {"prompts_per_round": 256, **_DEMO_ROUNDS},
+    "demo-tiny": {"prompts_per_round": 512, **_DEMO_ROUNDS},
     "demo-micro": {"prompts_per_round": 24, **_DEMO_ROUNDS, "collect.max_new_tokens": 12,
                    "rejection_sampling.max_prompts": 16, "rejection_sampling.k": 2},
     "llama2-7b-lora": {"prompts_per_round": 1000, **_GPU_ROUNDS},
