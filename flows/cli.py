@@ -167,11 +167,13 @@ def rounds(
     from flows.rounds import rlhf_rounds
     from llama2_align.rounds_report import round_rows, staleness_rows, text_table
 
+    from llama2_align.errors import InputError
+
     local_api.adopt()
     try:
         result = rlhf_rounds(config=rounds_config)
-    except StageFailed as exc:
-        fail(str(exc))
+    except (StageFailed, InputError) as exc:
+        fail(f"{exc}\n(the run's status: {plan.rounds_dir / 'state.json'}; the same command goes on from here)")
     report = json.loads(Path(result["report_json"]).read_text())
     typer.echo("\n" + text_table(round_rows(report)) + "\n\n" + text_table(staleness_rows(report)))
     typer.echo(f"\nlast promoted: round {report['last_promoted']}; report: {result['report_md']} "

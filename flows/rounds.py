@@ -16,7 +16,7 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.annotation import human_labels
-from flows.common import Stages, StageFailed, prepare_data, reward_models_concurrently, say, train_reward_models
+from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
 from llama2_align import rounds as lib
 from llama2_align.stages.collect import CollectInputs
 from llama2_align.stages.evaluate import EvalInputs
@@ -56,7 +56,7 @@ def rlhf_rounds(config: lib.RoundsConfig = lib.RoundsConfig()) -> dict:
             start = lib.starting_point(records, sft["final"], {"helpfulness": rm_h, "safety": rm_s},
                                        data["preference"])
             records.append(run_round(plan, r, start, sft["final"], data, concurrent))
-    except StageFailed as exc:
+    except Exception as exc:  # a pause or a suspension is not an Exception: the run waits, it has not failed
         lib.update_state(plan, status="failed", error=str(exc)[:2000])
         raise
     out = rounds_report_task(plan)

@@ -66,10 +66,43 @@ def test_two_micro_rounds_through_the_cli(prefect_server, tmp_path):
     state = json.loads((rounds_dir / "state.json").read_text())
     assert state["status"] == "finished" and [r["round"] for r in state["rounds"]] == [1, 2]
 
-    again = _cli(*args)  # everything is done: every round returns its record
-    assert again.returncode == 0 and "round 2: done before" in again.stdout, again.stdout[-2000:]
+    # a round stopped before its end goes on at the stage that did not finish: round 2 lost its evaluation
+    ppo_written = (rounds_dir / "2" / "ppo" / "result.json").stat().st_mtime_ns
+    (rounds_dir / "2" / "round.json").unlink()
+    shutil.rmtree(rounds_dir / "2" / "eval")
+    again = _cli(*args)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "round 1: done before" in again.stdout and "round 2: done before" not in again.stdout
+    assert (rounds_dir / "2" / "ppo" / "result.json").stat().st_mtime_ns == ppo_written
+    assert json.loads((rounds_dir / "2" / "round.json").read_text())["candidate"] == second["candidate"]
     other = _cli(*args, "--samples-per-prompt", "4")
     assert other.returncode == 2 and "samples_per_prompt" in other.stderr
+
+
+def test_collect_pairs_answers_of_two_checkpoints(tmp_path, sft_dir, demo_world_dir):
+    import torch
+
+    from llama2_align.data import validate_records
+    from llama2_align.rounds import to_label_records
+    from llama2_align.stages.collect import CollectConfig, CollectInputs, run_collect
+
+    torch.set_num_threads(1)
+    cfg = CollectConfig(samples_per_prompt=4, temperatures=(0.7, 1.3), max_prompts=12, max_new_tokens=12)
+    final = str(sft_dir / "final")
+    result = run_collect(cfg, CollectInputs(policy=final, policy_b=final, prompts=str(demo_world_dir /
+                                                                                       "ppo_prompts.jsonl")),
+                         tmp_path / "collect")
+    m = result.metrics
+    assert m["policy_b"] and m["prompts"] == 12 and m["pairs"] + m["dropped_identical"] + m["dropped_empty"] == 24
+    from llama2_align.io import read_jsonl
+
+    pairs = read_jsonl(tmp_path / "collect" / "pairs.jsonl")
+    assert len({p["id"] for p in pairs}) == len(pairs) == m["pairs"] > 0
+    assert all({p["variant_a"], p["variant_b"]} == {"a", "b"} and p["response_a"] != p["response_b"] for p in pairs)
+    rows = to_label_records(pairs)
+    for row in rows:
+        row["rating"] = "better"
+    validate_records(rows, "preference")
 
 
 def _flow_run_state(flow_run_id: str) -> str:
