@@ -190,3 +190,48 @@ def test_rounds_report_tables_and_figure(tmp_path):
                                                                 (0.7, 0.3, False)]
     md = render_markdown(report, "figure11.png")
     assert "Reward-model staleness" in md and "![rounds](figure11.png)" in md
+
+
+def test_figure_points_judged_by_the_reward_models_without_the_oracle(tmp_path):
+    plan = lib.resolve_rounds(lib.RoundsConfig(preset="demo-micro", runs_root=str(tmp_path)))
+    cand = _cp(viol=0.1, ci=SAFE, judge="rules", wins=50, ties=20, losses=30)  # against SFT: the baseline in round 1
+    records = [_record(1, True, eval=_eval(cand, previous=False, judge="rules"))]
+    report = build_rounds_report(plan, records)
+    assert report["judge"] == "rules"
+    assert [(p["x"], p["y"]) for p in figure_points(report, records)] == [(0.8, 0.5), (0.9, 0.6)]  # ties count half
+
+
+def _invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    return CliRunner().invoke(app, ["rounds", *[str(a) for a in args]])
+
+
+def test_rounds_command_line_config_and_refusals(tmp_path):
+    shown = _invoke("--preset", "demo-micro", "--rounds", "3", "--methods", "ppo", "--round-set",
+                    "collect.top_p=0.9", "--runs-root", tmp_path, "--print-config")
+    assert shown.exit_code == 0, shown.output
+    resolved = json.loads(shown.stdout)
+    assert resolved["methods"] == ["ppo"] * 3 and resolved["collect"]["top_p"] == 0.9
+    bad = _invoke("--round-set", "ppo.iterationz=2", "--print-config")
+    assert bad.exit_code == 2 and "iterationz" in bad.output
+    assert _invoke("--methods", "dpo", "--print-config").exit_code == 2
+
+
+def test_rounds_resume_refuses_before_touching_the_run(tmp_path):
+    missing = _invoke("resume", "nothing", "--labels", tmp_path / "x.jsonl", "--runs-root", tmp_path)
+    assert missing.exit_code == 1 and "no rounds run" in missing.output
+    plan = lib.resolve_rounds(lib.RoundsConfig(preset="demo-micro", runs_root=str(tmp_path), annotator="human"))
+    lib.open_state(plan)
+    idle = _invoke("resume", "rounds", "--labels", tmp_path / "x.jsonl", "--runs-root", tmp_path)
+    assert idle.exit_code == 1 and "not waiting for labels" in idle.output
+    labels = tmp_path / "rounds" / "rounds" / "1" / "labels.jsonl"
+    lib.update_state(plan, status="paused", paused={"round": 1, "flow_run_id": "00000000-0000-0000-0000-000000000000",
+                                                    "labels": str(labels), "api_url": None})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**lib.to_label_records(_pairs(1))[0]}) + "\n")
+    refused = _invoke("resume", "rounds", "--labels", bad, "--runs-root", tmp_path)
+    assert refused.exit_code == 1 and "rating" in refused.output and "still waits" in refused.output
+    assert not labels.exists() and lib.read_state(plan.rounds_dir)["paused"]["round"] == 1
