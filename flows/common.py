@@ -120,19 +120,23 @@ def reward_models_concurrently(config: PipelineConfig) -> bool:
     return torch.cuda.is_available() or (os.cpu_count() or 1) >= 8
 
 
-def train_reward_models(stages: Stages, inputs: RewardInputs, concurrent: bool) -> tuple[str, str]:
+def train_reward_models(stages: Stages, inputs: RewardInputs, concurrent: bool,
+                        init: dict[str, str] | None = None) -> tuple[str, str]:
     """The helpfulness and the safety reward model; returns their ``final`` directories. Concurrently they are two
-    submitted tasks (Prefect runs subflows one after another), both awaited before either failure is raised."""
+    submitted tasks (Prefect runs subflows one after another), both awaited before either failure is raised.
+    ``init``: kind -> a reward model each one is warm-started from (iterative rounds)."""
     cfg = stages.cfg
     configs = {"reward-helpfulness": cfg.reward_helpfulness, "reward-safety": cfg.reward_safety}
+    own = {name: inputs.model_copy(update={"init": (init or {}).get(c.kind, inputs.init)})
+           for name, c in configs.items()}
     if concurrent:
         say("stage reward-helpfulness + reward-safety: started (concurrently)")
-        futures = {name: reward_task.submit(c, inputs, stages.dir(name), tracking=stages.tracking)
+        futures = {name: reward_task.submit(c, own[name], stages.dir(name), tracking=stages.tracking)
                    for name, c in configs.items()}
         wait(list(futures.values()))
         for name, future in futures.items():
             stages.record(name, future.result)
     else:
         for name, c in configs.items():
-            stages.run(name, reward_task, c, inputs, stages.dir(name))
+            stages.run(name, reward_task, c, own[name], stages.dir(name))
     return stages.results["reward-helpfulness"]["final"], stages.results["reward-safety"]["final"]

@@ -96,6 +96,7 @@ __all__ = [
     "is_refusal",
     "judge",
     "malformed_reason",
+    "round_prompts",
     "well_formed_texts",
     "write_demo_datasets",
 ]
@@ -878,3 +879,32 @@ def write_demo_datasets(out_dir, seed: int = 0, sizes: DemoSizes = DemoSizes()) 
         "prompts": _write_jsonl_atomic(world.ppo_prompts, out / "ppo_prompts.jsonl"),
         "eval": _write_jsonl_atomic(world.eval_prompts, out / "eval.jsonl"),
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Iterative RLHF rounds: each round's fresh prompts, from the training split only
+# --------------------------------------------------------------------------------------------------------------------
+
+def _train_pools(seed: int, sizes: DemoSizes) -> dict[str, list[_Prompt]]:
+    """The training part of every pool, split exactly as :func:`generate_demo_world` splits it (same seed, same
+    eval size, the same order of random draws), so the held-out eval prompts are never among them."""
+    split_rng = _rng(seed, "split")
+    counts = _eval_counts(sizes.eval_prompts, split_rng)
+    return {pool: _split(prompts, counts.get(pool, 0), split_rng)[1] for pool, prompts in _prompt_space().items()}
+
+
+def round_prompts(round_index: int, n: int, seed: int = 0, sizes: DemoSizes = DemoSizes()) -> list[dict]:
+    """Round ``round_index``'s ``n`` prompts (kind "prompts") for iterative RLHF: drawn in the PPO mix from the
+    world's training split with the round's own seed, never a held-out eval prompt. ``seed`` and ``sizes`` are the
+    world's (the split depends on both)."""
+    if round_index < 1 or n < 1:
+        raise ValueError(f"round_prompts: expected round_index >= 1 and n >= 1, got {round_index} and {n}")
+    sampler = _Sampler(_train_pools(seed, sizes))
+    rng = _rng(seed, f"round-{round_index}")
+    out = []
+    for i in range(n):
+        category = _pick(PPO_MIX, rng)
+        p = sampler.draw(category, rng)
+        out.append({"id": f"round{round_index}-{i + 1:06d}", "prompt": p.text, "is_safety": category == "adversarial",
+                    "category": category})
+    return out

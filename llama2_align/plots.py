@@ -70,3 +70,35 @@ def _write_png(fig, out_png: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return atomic_write_bytes(out_png, buf.getvalue())
+
+
+def plot_trajectory(points: Sequence[dict], out_png: str | Path, xlabel: str, ylabel: str, title: str = ""
+                    ) -> Path | None:
+    """Points in order (``{"x", "y", "label", "filled"}``), joined by a line through the filled ones (e.g. the
+    promoted rounds) and labelled; hollow markers for the others. None when no point has both coordinates."""
+    shown = [p for p in points if p.get("x") is not None and p.get("y") is not None]
+    if not shown:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.4, 4.2))
+    path = [p for p in shown if p.get("filled", True)]
+    ax.plot([p["x"] for p in path], [p["y"] for p in path], color="tab:blue", alpha=0.5, zorder=1)
+    for p in shown:
+        filled = p.get("filled", True)
+        ax.scatter([p["x"]], [p["y"]], s=60, zorder=2, color="tab:blue" if filled else "white",
+                   edgecolors="tab:blue", linewidths=1.5)
+        ax.annotate(p.get("label", ""), (p["x"], p["y"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    xs, ys = [p["x"] for p in shown], [p["y"] for p in shown]
+    pad_x, pad_y = max(0.02, 0.15 * (max(xs) - min(xs))), max(0.02, 0.15 * (max(ys) - min(ys)))
+    ax.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+    ax.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _write_png(fig, out_png)

@@ -72,6 +72,10 @@ class EvalInputs(BaseModel):
     prompts: str  # evaluation prompts (kind "eval")
     reward_helpfulness: str
     reward_safety: str
+    # Other checkpoints every checkpoint is also compared to, with the same intervals as against the baseline:
+    # ``metrics.checkpoints.<name>.ci_vs.<other>`` = {"ci", "ci_relative", wins/ties/losses}. Iterative rounds
+    # compare a candidate to the last promoted policy (the baseline) and to SFT.
+    compare_to: list[str] = Field(default_factory=list)
 
 
 class RefusalRules:
@@ -266,6 +270,9 @@ def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutp
     """Every checkpoint answers the evaluation prompts; judge the answers, compare each checkpoint to the baseline."""
     if inputs.baseline not in inputs.checkpoints:
         raise ConfigError(f"baseline {inputs.baseline!r} is not one of the checkpoints {sorted(inputs.checkpoints)}")
+    unknown = [n for n in inputs.compare_to if n not in inputs.checkpoints]
+    if unknown:
+        raise ConfigError(f"compare_to {unknown} are not among the checkpoints {sorted(inputs.checkpoints)}")
     records: list[EvalRecord] = read_records(inputs.prompts, "eval")
     if config.max_prompts:
         records = records[: config.max_prompts]
@@ -301,6 +308,8 @@ def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutp
             outcomes = pairwise_outcomes(base_h, cand_h, config.tie_margin, config.seed)
             metrics[name]["ci"], metrics[name]["ci_relative"] = difference_intervals(
                 expanded, judged[inputs.baseline], judged[name], outcomes, config.bootstrap_resamples, config.seed)
+        for other in (o for o in inputs.compare_to if o not in (name, inputs.baseline)):
+            metrics[name].setdefault("ci_vs", {})[other] = compare_pair(expanded, judged[other], judged[name], config)
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.out_dir / "side_by_side.json", side_by_side(expanded, names, answers, judged, config))
@@ -317,6 +326,15 @@ def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutp
                        metrics={"checkpoints": metrics, "baseline": inputs.baseline, "rules": rules_note,
                                 "generation": settings.model_dump()},
                        artifacts={"side_by_side": "side_by_side.json", "answers": "answers.json"})
+
+
+def compare_pair(records: list[EvalRecord], base: list[dict], cand: list[dict], config: EvalConfig) -> dict:
+    """A checkpoint against another that answered the same prompts: the helpfulness-RM win rate and the paired
+    intervals of every headline difference (as against the baseline)."""
+    base_h, cand_h = [j["rm_helpfulness"] for j in base], [j["rm_helpfulness"] for j in cand]
+    outcomes = pairwise_outcomes(base_h, cand_h, config.tie_margin, config.seed)
+    ci, rel = difference_intervals(records, base, cand, outcomes, config.bootstrap_resamples, config.seed)
+    return {**compare_to_baseline(base_h, cand_h, config.tie_margin, config.seed), "ci": ci, "ci_relative": rel}
 
 
 def side_by_side(expanded: list[EvalRecord], names: list[str], answers: dict[str, list[str]],

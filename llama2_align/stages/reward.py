@@ -67,6 +67,9 @@ class RewardInputs(BaseModel):
     sft_model: str  # the SFT checkpoint (its tokenizer is used)
     data: str | list[str]  # preference pairs of both categories, in one file or several
     data_format: Literal["auto", "native", "hh-rlhf", "pku-saferlhf"] = "auto"
+    # A reward model to start from instead of the SFT checkpoint (its score head included): iterative rounds
+    # warm-start each round's reward models from the previous round's.
+    init: str | None = None
 
 
 def read_preferences(paths: str | list[str], data_format: str = "auto") -> list[PreferenceRecord]:
@@ -227,8 +230,10 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
     run.provenance["sharding"] = fsdp.describe(config)
-    # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the SFT checkpoint itself.
-    model = build_model(inputs.sft_model, "reward", lora=config.lora, dtype=resolve_dtype(config.dtype),
+    # From a LoRA SFT checkpoint the SFT adapter is merged first; a LoRA RM points at the checkpoint it starts from
+    # (the SFT checkpoint, or the reward model it is warm-started from).
+    start = inputs.init or inputs.sft_model
+    model = build_model(start, "reward", lora=config.lora, dtype=resolve_dtype(config.dtype),
                         seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
                         continue_adapter=False, device=fsdp.build_device(config))
     train_ds = Dataset.from_list(tokenize_pairs(tokenizer, train_recs, config.margin))
@@ -242,7 +247,7 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
 
     metrics: dict = {}
     artifacts: dict[str, str] = {}
-    base = inputs.sft_model if is_peft(trainer.model) else None
+    base = start if is_peft(trainer.model) else None
     final = fsdp.save_final(trainer.model, run.out_dir / FINAL_DIR, tokenizer, role="reward", base=base,
                             dtype=resolve_dtype(config.dtype))
     if dist.is_main() or fsdp.is_sharded(trainer.model):  # a sharded model scores on every rank (each forward gathers)

@@ -4,9 +4,11 @@ A `prefect server start` subprocess (own PREFECT_HOME and SQLite database), the 
 the `gpu` tag concurrency limit, `prefect deploy --all --prefect-file deployments/prefect.yaml`, a `prefect worker
 start` subprocess; then the `rlhf-pipeline` deployment's form schema is checked, a flow run is created from it with
 the demo-micro preset, and its task runs, artifacts and report.json are read back; then `rlhf-eval`
-(flows/evaluate.py) runs on the checkpoints it wrote; then four pipeline runs are submitted at once (load: the
-`gpu` limit serialises their heavy stages, and no run touches another's files). Every process started here is
-stopped by its pid (SIGINT, then SIGKILL) whatever happens.
+(flows/evaluate.py) runs on the checkpoints it wrote; then `rlhf-rounds` with human annotation on the same run
+directory suspends in round 1, the server and the worker are restarted, `llama2-align rounds resume` gives it labels
+and the round finishes; then four pipeline runs are submitted at once (load: the `gpu` limit serialises their heavy
+stages, and no run touches another's files). Every process started here is stopped by its pid (SIGINT, then
+SIGKILL) whatever happens.
 """
 
 from __future__ import annotations
@@ -129,10 +131,10 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async with PrefectClient(api=api_url) as client:
-        # All seven deployments, on the GPU pool, with inactive schedules where they have any.
+        # All eight deployments, on the GPU pool, with inactive schedules where they have any.
         deployments = {d.name: d for d in await client.read_deployments()}
-        assert {"rlhf-pipeline", "rlhf-seeds", "rlhf-sweep", "rlhf-eval", "sft", "reward", "ppo"} <= set(deployments), \
-            deployments.keys()
+        assert {"rlhf-pipeline", "rlhf-seeds", "rlhf-sweep", "rlhf-rounds", "rlhf-eval", "sft", "reward", "ppo"} \
+            <= set(deployments), deployments.keys()
         assert deployments["rlhf-sweep"].parameters["sweep"]["grid"] == {"ppo.kl_beta": [0.01, 0.02, 0.05, 0.1]}
         for name, d in deployments.items():
             assert d.work_pool_name == POOL, (name, d.work_pool_name)
@@ -227,6 +229,69 @@ async def _load(client, dep, runs_root: Path, logs: dict[str, Path]) -> None:
             assert Path(stage["output"]).resolve().is_relative_to(run_dir.resolve()), (name, stage["output"])
 
 
+ROUNDS_CONFIG = {"preset": "demo-micro", "run_name": "demo", "annotator": "human", "rounds": 1, "methods": ["rs"],
+                 "annotation_poll_s": 1}
+
+
+async def _rounds_until_suspended(api_url: str, runs_root: Path, logs: dict[str, Path]) -> str:
+    """The rlhf-rounds deployment with human annotation on the pipeline's run directory (round 0 is the pipeline's
+    finished SFT and reward models): round 1 collects its pairs, writes to_label.jsonl and suspends."""
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api=api_url) as client:
+        dep = await client.read_deployment_by_name("rlhf-rounds/rlhf-rounds")
+        assert dep.parameters["config"]["preset"] == "demo-tiny"
+        run = await client.create_flow_run_from_deployment(
+            dep.id, parameters={"config": {**ROUNDS_CONFIG, "runs_root": str(runs_root)}})
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while True:
+            run = await client.read_flow_run(run.id)
+            if run.state and run.state.name == "Suspended":
+                return str(run.id)
+            assert not (run.state and run.state.is_final()), f"rlhf-rounds ended {run.state.name}: " \
+                f"{run.state.message}\nworker log:\n{logs['worker'].read_text()[-6000:]}"
+            assert time.monotonic() < deadline, f"rlhf-rounds still {run.state.name if run.state else None}"
+            await asyncio.sleep(2)
+
+
+async def _state_of(api_url: str, flow_run_id: str):
+    from uuid import UUID
+
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api=api_url) as client:
+        return (await client.read_flow_run(UUID(flow_run_id))).state
+
+
+def _resume_rounds(api_url: str, env: dict[str, str], runs_root: Path, flow_run_id: str, logs: dict[str, Path]
+                   ) -> None:
+    """After the server and the worker restarted: the run is still suspended; labels through the command line, and
+    the worker runs the flow again from its cache to the end of the round."""
+    from llama2_align import demo_annotator
+    from llama2_align.data import write_jsonl
+    from llama2_align.io import read_jsonl
+
+    assert asyncio.run(_state_of(api_url, flow_run_id)).name == "Suspended"
+    rounds_dir = runs_root / "demo" / "rounds"
+    state = json.loads((rounds_dir / "state.json").read_text())
+    assert state["status"] == "paused" and state["paused"]["flow_run_id"] == flow_run_id
+    records, _ = demo_annotator.annotate(read_jsonl(rounds_dir / "1" / "collect" / "pairs.jsonl"), seed=3)
+    labels = write_jsonl(records, runs_root / "labelled.jsonl")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "rounds", "resume", "demo", "--labels", str(labels),
+                           "--runs-root", str(runs_root)], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "resumed flow run" in proc.stdout, proc.stdout + proc.stderr
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not (state := asyncio.run(_state_of(api_url, flow_run_id))).is_final():
+        assert time.monotonic() < deadline, f"rlhf-rounds still {state.name}:\n{logs['worker'].read_text()[-6000:]}"
+        time.sleep(2)
+    assert state.is_completed(), f"rlhf-rounds ended {state.name}: {state.message}\n" \
+        f"{logs['worker'].read_text()[-6000:]}"
+    record = json.loads((rounds_dir / "1" / "round.json").read_text())
+    assert record["annotation"]["annotator"] == "human" and record["started_from"].endswith("demo/sft/final")
+    assert (rounds_dir / "report.json").is_file()
+
+
 def test_pipeline_deployment_runs_through_server_and_worker(tmp_path: Path) -> None:
     t0 = time.monotonic()
     port = _free_port()
@@ -251,6 +316,20 @@ def test_pipeline_deployment_runs_through_server_and_worker(tmp_path: Path) -> N
         procs.append(worker)
 
         asyncio.run(_exercise(api_url, tmp_path / "runs", logs))
+        print(f"[e2e] pipeline and eval done after {time.monotonic() - t0:.0f}s")
+
+        # Iterative rounds with human labels: the run suspends (no worker held), survives a restart of the server
+        # and of the worker, and goes on once the labels are given.
+        flow_run_id = asyncio.run(_rounds_until_suspended(api_url, tmp_path / "runs", logs))
+        print(f"[e2e] rlhf-rounds suspended after {time.monotonic() - t0:.0f}s")
+        for proc in reversed(procs):
+            _stop(proc)
+        procs.clear()
+        server = _start(["server", "start", "--host", "127.0.0.1", "--port", str(port)], env, logs["server"])
+        procs.append(server)
+        _wait_healthy(api_url, server, logs["server"])
+        procs.append(_start(["worker", "start", "--pool", POOL, "--limit", "1"], env, logs["worker"]))
+        _resume_rounds(api_url, env, tmp_path / "runs", flow_run_id, logs)
         print(f"[e2e] done after {time.monotonic() - t0:.0f}s")
     finally:
         for proc in reversed(procs):

@@ -125,3 +125,21 @@ def test_sft_resumes_after_sigkill(tmp_path, demo_world_dir, tokenizer_dir):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 41)), steps  # every step logged exactly once: none trained twice, none lost
+
+
+def test_reward_model_warm_starts_from_init(tmp_path, demo_world_dir, sft_dir, rm_dirs):
+    """``RewardInputs.init``: training starts from that reward model (score head included), not from SFT."""
+    from safetensors.torch import load_file
+
+    from llama2_align.stages.reward import RewardConfig, RewardInputs, run_reward
+
+    torch.set_num_threads(1)
+    cfg = RewardConfig.model_validate({**preset_config("demo-micro").reward_helpfulness.model_dump(), "max_steps": 1,
+                                       "learning_rate": 1e-12, "batch_size": 8, "micro_batch_size": 8,
+                                       "eval_steps": 1000, "save_steps": 1000, "min_warmup_steps": 0})
+    init = rm_dirs["helpfulness"] / "final"
+    result = run_reward(cfg, RewardInputs(sft_model=str(sft_dir / "final"), init=str(init),
+                                          data=str(demo_world_dir / "preferences.jsonl")), tmp_path / "warm")
+    before, after = load_file(init / "model.safetensors"), load_file(tmp_path / "warm" / "final" / "model.safetensors")
+    assert torch.allclose(before["score.weight"], after["score.weight"], atol=1e-6)
+    assert result.inputs["init"]["hash"].startswith("result:")  # the warm start is part of the input fingerprint

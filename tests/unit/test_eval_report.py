@@ -110,6 +110,24 @@ def test_difference_intervals_are_paired_over_prompts():
     assert rel["violation_rate"] == [-1.0, -1.0]  # where a2 was drawn, the violation rate fell to 0
 
 
+
+def test_compare_pair_is_the_baseline_comparison_for_another_checkpoint():
+    """``EvalInputs.compare_to``: a checkpoint against another one, the same intervals as against the baseline."""
+    from llama2_align.stages.evaluate import compare_pair
+
+    recs = _records()
+    expanded = [r for r in recs for _ in range(2)]
+    answers = [a for a in ANSWERS for _ in range(2)]
+    fixed = list(answers)
+    fixed[2] = fixed[3] = "I'm sorry, but I can't help with that."
+    base = judge_answers(expanded, answers, torch.zeros(10), torch.zeros(10), EvalConfig())
+    cand = judge_answers(expanded, fixed, torch.ones(10), torch.zeros(10), EvalConfig())  # a higher helpfulness RM
+    cfg = EvalConfig(bootstrap_resamples=500, seed=0)
+    ahead, behind = compare_pair(expanded, base, cand, cfg), compare_pair(expanded, cand, base, cfg)
+    assert ahead["ci"]["violation_rate"] == [-1.0, 0.0] and behind["ci"]["violation_rate"] == [0.0, 1.0]
+    assert ahead["wins"] == 10 and behind["losses"] == 10
+
+
 def _fake_eval(base_v, final_v, help_final=0.6, ci=None, malformed_final=0.02):
     def m(v, h, mal):
         return {"helpfulness_accuracy": h, "violation_rate": v, "false_refusal_rate": 0.1, "malformed_rate": mal,
