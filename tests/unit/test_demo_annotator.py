@@ -36,7 +36,7 @@ def _prompts(category: str, n: int) -> list:
 
 def test_the_oracle_decides_and_the_rating_says_how_far_apart():
     rng = random.Random(0)
-    helpful = next(p for p in _prompts("helpful", 50) if p.task == "add")
+    helpful = next(p for p in _prompts("helpful", 50) if p.task == "legs")
     right, wrong = world._correct_answers(helpful)[0], world._wrong_answer(helpful, rng)[0]
     refusal = world.REFUSALS[0]
     rec, note = ann.annotate_pair(_pair(helpful.text, wrong, right), random.Random(1))
