@@ -17,7 +17,8 @@ import typer
 from llama2_align.cli import EXIT_CODES_HELP, EXIT_USAGE, PIPELINE_PANEL, app, fail
 
 
-def _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling):
+def _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling, gatt=None,
+                     context_distillation=None):
     """The PipelineConfig from a config file and the command line, resolved once to refuse a bad field now."""
     from pydantic import ValidationError
 
@@ -30,7 +31,7 @@ def _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampli
                 fail(f"{config}: no such config file")
             fields = load_config_file(config)
         given = {"preset": preset, "run_name": run_name, "runs_root": runs_root,
-                 "rejection_sampling": rejection_sampling}
+                 "rejection_sampling": rejection_sampling, "gatt": gatt, "context_distillation": context_distillation}
         fields.update({k: v for k, v in given.items() if v is not None})
         overrides = dict(fields.get("overrides") or {})
         overrides.update(parse_override(item) for item in (set_ or []))
@@ -55,12 +56,17 @@ def run(
     runs_root: Annotated[Optional[str], typer.Option("--runs-root", help="Parent of run directories.")] = None,
     rejection_sampling: Annotated[Optional[bool], typer.Option(
         "--rejection-sampling/--no-rejection-sampling", help="SFT -> RS -> PPO instead of SFT -> PPO.")] = None,
+    context_distillation: Annotated[Optional[bool], typer.Option(
+        "--context-distillation/--no-context-distillation", help="After PPO: safety context distillation.")] = None,
+    gatt: Annotated[Optional[bool], typer.Option(
+        "--gatt/--no-gatt", help="After RLHF: Ghost Attention, and the multi-turn adherence evaluation.")] = None,
     print_config: Annotated[bool, typer.Option(
         "--print-config", help="Print the fully resolved config (every stage's settings) as JSON and exit.")] = False,
 ) -> None:
     """Run the whole pipeline (the rlhf-pipeline flow): data, tokenizer, SFT, both reward models, PPO, eval, report."""
     if print_config:
-        _, resolved = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling)
+        _, resolved = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling, gatt,
+                                         context_distillation)
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
         return
     # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
@@ -72,7 +78,8 @@ def run(
     from flows import local_api
 
     local_api.start_early()  # the local API server (when no API URL is set) starts while torch imports
-    pipeline_config, _ = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling)
+    pipeline_config, _ = _pipeline_config(preset, config, set_, run_name, runs_root, rejection_sampling, gatt,
+                                         context_distillation)
 
     from flows.pipeline import rlhf_pipeline
     from llama2_align.report import headline_text

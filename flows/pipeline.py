@@ -1,7 +1,8 @@
 """The full Llama 2 alignment recipe as one flow; it reads like the DAG:
 
     data (demo world or files) -> tokenizer -> SFT -> {helpfulness RM, safety RM} -> [rejection sampling] -> PPO
-    -> evaluation (SFT vs final policy) -> report
+    -> [context distillation] -> [GAtt] -> evaluation (SFT vs every later policy) -> [multi-turn adherence]
+    -> report
 
 Every stage is a retryable, cached task. A failed stage stops its dependents, is named in the error and in
 report.json; a re-run with the same parameters is served from the cache for every finished stage.
@@ -13,6 +14,7 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
+from flows.post_rlhf import adherence, after_rlhf
 from llama2_align.pipeline import PipelineConfig, resolve
 from llama2_align.stages.evaluate import EvalInputs
 from llama2_align.stages.ppo import PPOInputs
@@ -53,11 +55,14 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                          reward_safety=rm_s, prompts=data["prompts"]),
                      stages.dir("ppo"))
     checkpoints["ppo"] = ppo["final"]
+    checkpoints.update(after_rlhf(stages, ppo["final"], data["prompts"], rm_s))
     ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(checkpoints=checkpoints, baseline="sft",
                                                             prompts=data["eval"], reward_helpfulness=rm_h,
                                                             reward_safety=rm_s), stages.dir("eval"))
+    adh = adherence(stages, checkpoints, data["eval"], rm_h)
 
     trained = {k: v for k, v in stages.results.items() if k != "data"}
-    out = report_task(cfg.run_dir, cfg.preset, trained, ev, "ppo")
+    final = [k for k in checkpoints if k != "cd-untargeted"][-1]
+    out = report_task(cfg.run_dir, cfg.preset, trained, ev, final, adherence=adh)
     say(f"pipeline finished; report: {out['report_md']}")
     return out

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError
 from .presets import PRESETS
+from .stages.adherence import AdherenceConfig
+from .stages.context_distillation import ContextDistillationConfig
 from .stages.evaluate import EvalConfig
+from .stages.gatt import GAttConfig
 from .stages.ppo import PPOConfig
 from .stages.rejection_sampling import RejectionSamplingConfig
 from .stages.reward import RewardConfig
@@ -42,6 +45,11 @@ class DataSettings(BaseModel):
     prompts: str | None = None
     eval: str | None = None
     tokenizer: str | None = Field(None, description="files only; default: the base checkpoint's own tokenizer")
+    # GAtt and context distillation: the demo world's extra SFT demonstrations (llama2_align/demo_dialogues.py)
+    demo_dialogues: bool | None = Field(None, description="demo only: add instruction and multi-turn SFT "
+                                                          "demonstrations (default: when gatt is enabled)")
+    demo_preprompts: bool | None = Field(None, description="demo only: add safety-preprompt SFT demonstrations "
+                                                           "(default: when context_distillation is enabled)")
 
 
 class ResolvedPipeline(BaseModel):
@@ -59,6 +67,10 @@ class ResolvedPipeline(BaseModel):
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    # after RLHF (off by default): context distillation after PPO, then GAtt; the multi-turn evaluation
+    context_distillation: ContextDistillationConfig = Field(default_factory=ContextDistillationConfig)
+    gatt: GAttConfig = Field(default_factory=GAttConfig)
+    adherence: AdherenceConfig = Field(default_factory=AdherenceConfig)
 
 
 class PipelineConfig(BaseModel):
@@ -74,6 +86,8 @@ class PipelineConfig(BaseModel):
     base_model: str | None = Field(None, description="a model preset or a local HF/Meta checkpoint directory")
     data: DataSettings | None = None
     rejection_sampling: bool | None = Field(None, description="run SFT -> RS -> PPO instead of SFT -> PPO")
+    context_distillation: bool | None = Field(None, description="after PPO: safety context distillation")
+    gatt: bool | None = Field(None, description="after RLHF: Ghost Attention, and the multi-turn evaluation")
     concurrent_reward_models: bool | None = Field(
         None, description="train both reward models at once (default: on a GPU machine or a CPU with >= 8 cores)")
     overrides: dict[str, Any] = Field(default_factory=dict,
@@ -126,8 +140,12 @@ def resolve(config: PipelineConfig) -> ResolvedPipeline:
         tree["data"] = config.data.model_dump()
     if config.rejection_sampling is not None:
         tree["rejection_sampling"]["enabled"] = config.rejection_sampling
+    for flag in ("context_distillation", "gatt"):
+        if getattr(config, flag) is not None:
+            tree[flag]["enabled"] = getattr(config, flag)
     for key, value in config.overrides.items():
         _set_path(tree, key, value, known)
+    _resolve_post_rlhf(tree)
     tree["reward_helpfulness"]["kind"] = "helpfulness"
     tree["reward_safety"]["kind"] = "safety"
     resolved = ResolvedPipeline.model_validate(tree)
@@ -137,6 +155,19 @@ def resolve(config: PipelineConfig) -> ResolvedPipeline:
             raise ConfigError(f"data.source is 'files' but no path is set for: "
                               f"{', '.join('data.' + m for m in missing)}")
     return resolved
+
+
+def _resolve_post_rlhf(tree: dict) -> None:
+    """What GAtt and context distillation imply when left unset: the demo world's extra SFT demonstrations they
+    need (instruction and multi-turn dialogues for GAtt, safety preprompts for context distillation), and SFT
+    batches grouped by length when the long dialogues are in its data."""
+    data = tree["data"]
+    if data.get("demo_dialogues") is None:
+        data["demo_dialogues"] = bool(tree["gatt"]["enabled"])
+    if data.get("demo_preprompts") is None:
+        data["demo_preprompts"] = bool(tree["context_distillation"]["enabled"])
+    if tree["sft"].get("group_by_length") is None:
+        tree["sft"]["group_by_length"] = data["source"] == "demo" and data["demo_dialogues"]
 
 
 def preset_config(preset: str) -> ResolvedPipeline:
