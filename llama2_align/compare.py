@@ -20,9 +20,14 @@ ADDED_STAGES = {"cd": "context distillation", "cd-untargeted": "context distilla
                 "gatt": "Ghost Attention"}
 
 
+#: The pipeline's checkpoints in the recipe's order (files such as answers.json keep their names sorted).
+RECIPE_ORDER = ("sft", "rs", "ppo", "cd", "cd-untargeted", "gatt")
+
+
 def stage_pairs(names: list[str]) -> dict[str, str]:
-    """``{added stage checkpoint: the checkpoint it started from}`` for the evaluation's checkpoint names, in their
-    order (the untargeted comparison starts from the same policy as context distillation)."""
+    """``{added stage checkpoint: the checkpoint it started from}`` for the evaluation's checkpoint names, taken in
+    the recipe's order (the untargeted comparison starts from the same policy as context distillation)."""
+    names = sorted(names, key=lambda n: RECIPE_ORDER.index(n) if n in RECIPE_ORDER else len(RECIPE_ORDER))
     policies = [n for n in names if n != "cd-untargeted"]
     pairs = {n: policies[policies.index(n) - 1] for n in ("cd", "gatt") if n in policies and policies.index(n) > 0}
     if "cd-untargeted" in names and "cd" in pairs:

@@ -296,10 +296,12 @@ def add_post_rlhf(report: dict, added_stages: dict | None, adherence_result: dic
         report["added_stages"] = added_stages
     if adherence_result and adherence_result.get("metrics"):
         m = adherence_result["metrics"]
-        report["multiturn"] = {"baseline": m["baseline"], "plot": adherence_result.get("artifacts", {}).get(
-            "adherence_plot") and str(Path(adherence_result["out_dir"]) / adherence_result["artifacts"][
-                "adherence_plot"]),
-            "checkpoints": {n: {k: c.get(k) for k in MULTITURN_KEYS} for n, c in m["checkpoints"].items()}}
+        png = (adherence_result.get("artifacts") or {}).get("adherence_plot")
+        order = m.get("order") or list(m["checkpoints"])
+        report["multiturn"] = {"baseline": m["baseline"], "order": order,
+                               "plot": str(Path(adherence_result["out_dir"]) / png) if png else None,
+                               "checkpoints": {n: {k: m["checkpoints"][n].get(k) for k in MULTITURN_KEYS}
+                                               for n in order}}
 
 
 def added_stage_rows(report: dict) -> list[dict[str, str]]:
@@ -319,7 +321,8 @@ def added_stage_rows(report: dict) -> list[dict[str, str]]:
 
 def multiturn_rows(report: dict, kind: str) -> list[dict[str, str]]:
     """One row per turn, one column per checkpoint: ``kind`` is "adherence" or "helpfulness"."""
-    cps = (report.get("multiturn") or {}).get("checkpoints") or {}
+    mt = report.get("multiturn") or {}
+    cps = {n: mt["checkpoints"][n] for n in mt.get("order") or mt.get("checkpoints") or {}}
     turns = max((len(c.get(f"{kind}_by_turn") or []) for c in cps.values()), default=0)
     return [{"turn": str(t + 1), **{n: _fmt((c.get(f"{kind}_by_turn") or [None] * turns)[t]) for n, c in cps.items()}}
             for t in range(turns)]
@@ -328,7 +331,8 @@ def multiturn_rows(report: dict, kind: str) -> list[dict[str, str]]:
 def multiturn_summary_rows(report: dict) -> list[dict[str, str]]:
     mt = report.get("multiturn") or {}
     rows = []
-    for name, c in (mt.get("checkpoints") or {}).items():
+    for name in mt.get("order") or mt.get("checkpoints") or {}:
+        c = mt["checkpoints"][name]
         ci = c.get("ci") or {}
         row = {"checkpoint": name, f"adherence turn >= {c.get('late_turn')}": _fmt(c.get("adherence_late")),
                "helpfulness (late)": _fmt(c.get("helpfulness_late")), "adherence turn 1": _fmt(

@@ -210,14 +210,14 @@ def run_adherence(config: AdherenceConfig, inputs: AdherenceInputs, run: StageRu
         run.report(k + 1, len(names), {"checkpoint": name, "adherence_late": metrics[name]["adherence_late"]})
     for name in names[1:]:
         metrics[name]["ci"] = intervals(ids, judged[inputs.baseline], judged[name], config)
-    return _finish(run, names, expanded, rolled, judged, metrics, inputs.baseline)
+    return _finish(run, list(inputs.checkpoints), expanded, rolled, judged, metrics, inputs.baseline)
 
 
 def _finish(run: StageRun, names, expanded, rolled, judged, metrics, baseline) -> StageOutput:
     from ..plots import plot_by_turn
 
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    table = {"checkpoints": metrics, "baseline": baseline}
+    table = {"checkpoints": metrics, "baseline": baseline, "order": names}  # JSON files sort their keys
     atomic_write_json(run.out_dir / "adherence.json", table)
     atomic_write_json(run.out_dir / "dialogues.json", [
         {"turns": d["turns"], "instruction": d["instruction"]["text"],
