@@ -231,7 +231,7 @@ def test_gatt_loss_mask_token_level(tok):
         -len(trained):]
 
 
-def test_trl_turns_the_gatt_mask_into_labels(tok):
+def test_trl_turns_the_gatt_mask_into_labels(tok, tmp_path):
     """What TRL's SFTTrainer trains on: labels -100 everywhere but the last answer (and its EOS)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -243,7 +243,7 @@ def test_trl_turns_the_gatt_mask_into_labels(tok):
     rows = tokenize_dialogues(tok, [rec, rec], last_answer_only=True)
     model = build_model("micro", "policy", vocab_size=len(tok), device="cpu", dtype="fp32")
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(rows),
-                         args=SFTConfig(output_dir="/tmp/unused-gatt-test", max_steps=1, report_to="none",
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to="none",
                                         per_device_train_batch_size=2, use_cpu=True, max_length=512,
                                         dataset_kwargs={}))
     batch = next(iter(trainer.get_train_dataloader()))
@@ -269,3 +269,24 @@ def test_training_records_drop_cut_off_disobeying_and_too_long_dialogues(tok):
     assert not kept and dropped["too_long"] == 2
     m = summarize(doc, kept, dropped)
     assert m["sampled_adherence_by_turn"] == [1.0, 1.0, round(2 / 3, 4)] and m["kept"] == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The pipeline's switches
+# --------------------------------------------------------------------------------------------------------------------
+
+def test_both_stages_are_off_by_default_and_switched_on_by_the_form_or_an_override():
+    from llama2_align.pipeline import PipelineConfig, resolve
+
+    plain = resolve(PipelineConfig(preset="demo-tiny"))
+    assert not plain.gatt.enabled and not plain.context_distillation.enabled and not plain.adherence.enabled
+    assert (plain.data.demo_dialogues, plain.data.demo_preprompts, plain.sft.group_by_length) == (False, False, False)
+    on = resolve(PipelineConfig(preset="demo-tiny", gatt=True, context_distillation=True))
+    assert on.gatt.enabled and on.context_distillation.enabled
+    assert (on.data.demo_dialogues, on.data.demo_preprompts, on.sft.group_by_length) == (True, True, True)
+    assert on.gatt.sft.loss_on == "last_answer" and on.context_distillation.sft.loss_on == "all_answers"
+    by_set = resolve(PipelineConfig(preset="demo-tiny", overrides={"gatt.enabled": True,
+                                                                   "data.demo_dialogues": False}))
+    assert by_set.gatt.enabled and not by_set.data.demo_dialogues and not by_set.sft.group_by_length
+    schema = PipelineConfig.model_json_schema()["properties"]
+    assert {"gatt", "context_distillation"} <= set(schema)  # the Prefect form's switches
