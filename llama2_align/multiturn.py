@@ -36,8 +36,8 @@ CONSTRAINT_KINDS: tuple[str, ...] = ("signoff", "capitals", "start_word", "avoid
 
 #: The values each parameterised constraint draws from. They hold no digit, no "is"/"it", no refusal or compliance
 #: marker and no word of the demo world's knowledge bases, so a decorated correct answer is still judged correct.
-SIGNOFFS = ("Have a nice day!", "Hope this helps.", "Take care!", "Cheers!")
-START_WORDS = ("Alright", "Great", "Indeed", "Certainly")
+SIGNOFFS = ("Have a nice day!", "Hope this helps.", "Take care!")
+START_WORDS = ("Alright", "Great", "Indeed")
 AVOID_WORDS = ("is", "it")
 
 #: (verbose, shortened) wording of each constraint; ``{v}`` is its value.
@@ -146,12 +146,31 @@ def sample_instruction(rng: random.Random, max_constraints: int = 2, short_rate:
                        kinds: Sequence[str] = CONSTRAINT_KINDS) -> Instruction:
     """A random instruction: 1..``max_constraints`` constraints of different kinds with random values, shortened
     with probability ``short_rate`` (the paper: half the time)."""
+    unknown = sorted(set(kinds) - set(CONSTRAINT_KINDS))
+    if unknown or not kinds:
+        raise InputError(f"constraint kinds: expected some of {', '.join(CONSTRAINT_KINDS)}, got {list(kinds)}")
     n = rng.randint(1, min(max_constraints, len(kinds)))
     chosen = rng.sample(list(kinds), n)
-    values = {"signoff": SIGNOFFS, "start_word": START_WORDS, "avoid_word": AVOID_WORDS}
-    constraints = tuple(Constraint(k, rng.choice(values[k]) if k in values else None)
-                        for k in CONSTRAINT_KINDS if k in chosen)  # a fixed order of kinds
+    constraints = tuple(Constraint(k, rng.choice(VALUES[k])) for k in CONSTRAINT_KINDS if k in chosen)  # fixed order
     return Instruction(constraints, short=rng.random() < short_rate)
+
+
+VALUES: dict[str, tuple[str | None, ...]] = {"signoff": SIGNOFFS, "capitals": (None,), "start_word": START_WORDS,
+                                              "avoid_word": AVOID_WORDS}
+
+
+def all_instructions(max_constraints: int = 2, kinds: Sequence[str] = CONSTRAINT_KINDS) -> list[Instruction]:
+    """Every instruction :func:`sample_instruction` can draw with these settings (both wordings)."""
+    from itertools import combinations, product
+
+    order = [k for k in CONSTRAINT_KINDS if k in kinds]
+    out = []
+    for n in range(1, min(max_constraints, len(order)) + 1):
+        for chosen in combinations(order, n):
+            for values in product(*(VALUES[k] for k in chosen)):
+                for short in (False, True):
+                    out.append(Instruction(tuple(Constraint(k, v) for k, v in zip(chosen, values)), short))
+    return out
 
 
 def with_instruction(user: str, inst: str, template: str) -> str:
@@ -163,11 +182,12 @@ def with_instruction(user: str, inst: str, template: str) -> str:
 def make_dialogues(prompts: Sequence[str], n: int, min_turns: int, max_turns: int, seed: int,
                    max_constraints: int = 2, short_rate: float = 0.5,
                    satisfiable: Callable[[Instruction, str], bool] | None = None,
-                   tries: int = 50) -> list[dict]:
+                   tries: int = 50, kinds: Sequence[str] = CONSTRAINT_KINDS) -> list[dict]:
     """``n`` dialogues ``{"turns": [prompt, ...], "instruction": Instruction.to_dict()}``: each a random number of
     turns in ``[min_turns, max_turns]``, every turn a prompt drawn from ``prompts`` (no prompt twice in a dialogue
-    when there are enough), and a random instruction that ``satisfiable(instruction, prompt)`` accepts for every
-    turn (re-drawn up to ``tries`` times; after that the turns are re-drawn). Deterministic for a seed."""
+    when there are enough), and a random instruction (of the constraint ``kinds``) that ``satisfiable(instruction,
+    prompt)`` accepts for every turn (re-drawn up to ``tries`` times; after that the turns are re-drawn).
+    Deterministic for a seed."""
     if not prompts:
         raise InputError("multi-turn dialogues need at least one prompt, got none")
     if not 1 <= min_turns <= max_turns:
@@ -178,7 +198,7 @@ def make_dialogues(prompts: Sequence[str], n: int, min_turns: int, max_turns: in
         k = rng.randint(min_turns, max_turns)
         turns = rng.sample(list(prompts), k) if len(prompts) >= k else [rng.choice(prompts) for _ in range(k)]
         for _ in range(tries):
-            inst = sample_instruction(rng, max_constraints, short_rate)
+            inst = sample_instruction(rng, max_constraints, short_rate, kinds)
             if satisfiable is None or all(satisfiable(inst, t) for t in turns):
                 out.append({"turns": turns, "instruction": inst.to_dict()})
                 break

@@ -51,10 +51,13 @@ DEMO_EVAL = {"max_new_tokens": 24, "temperature": 1.0, "samples_per_prompt": 4, 
 DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch_size": 32, "micro_batch_size": 32,
                  "max_length": 512, "warmup_ratio": 0.05, "eval_steps": 50, "save_steps": 50,
                  "sample_max_new_tokens": 24, "num_samples": 4, "progress_bar": False}
-DEMO_GATT = {"dialogues": 384, "max_new_tokens": 24, "generation_batch_size": 128}
+# The demo's instructions leave capital letters out (llama2_align/demo_dialogues.py says why).
+DEMO_KINDS = ["signoff", "start_word", "avoid_word"]
+DEMO_GATT = {"dialogues": 384, "max_new_tokens": 24, "generation_batch_size": 128, "constraint_kinds": DEMO_KINDS}
 DEMO_CONTEXT_DISTILLATION = {"samples_per_prompt": 2, "max_new_tokens": 24, "generation_batch_size": 128,
                              "score_batch_size": 128}
-DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 24, "batch_size": 128, "score_batch_size": 128}
+DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 24, "batch_size": 128, "score_batch_size": 128,
+                  "constraint_kinds": DEMO_KINDS}
 
 DEMO = {
     **section("sft", DEMO_SFT),

@@ -16,6 +16,8 @@ judgement), ``adherence.png`` (adherence and helpfulness against the turn, per c
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import read_records
@@ -23,7 +25,7 @@ from ..errors import ConfigError, InputError
 from ..generation import GenerationSettings
 from ..io import atomic_write_json
 from ..model import build_model, freeze
-from ..multiturn import Instruction, make_dialogues
+from ..multiturn import CONSTRAINT_KINDS, Instruction, make_dialogues
 from ..stats import paired_bootstrap
 from ..tokenizer import load_tokenizer
 from .common import StageOutput, StageRun, stage
@@ -42,6 +44,8 @@ class AdherenceConfig(BaseModel):
     samples_per_dialogue: int = Field(1, ge=1)
     max_constraints: int = Field(2, ge=1)
     short_rate: float = Field(0.5, ge=0, le=1)
+    constraint_kinds: list[Literal["signoff", "capitals", "start_word", "avoid_word"]] = Field(
+        default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1, description="the constraints instructions draw")
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -70,7 +74,8 @@ def eval_dialogues(config: AdherenceConfig, prompts_path: str) -> tuple[list[dic
     if not records:
         raise InputError(f"{prompts_path}: the multi-turn evaluation needs non-adversarial prompts, found none")
     dialogues = make_dialogues(list(records), config.dialogues, config.turns, config.turns, config.seed,
-                               config.max_constraints, config.short_rate, satisfiable=satisfiable)
+                               config.max_constraints, config.short_rate, satisfiable=satisfiable,
+                               kinds=config.constraint_kinds)
     return dialogues, records
 
 

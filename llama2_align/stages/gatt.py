@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
 from ..model import build_model, freeze
-from ..multiturn import Instruction, make_dialogues, with_instruction
+from ..multiturn import CONSTRAINT_KINDS, Instruction, make_dialogues, with_instruction
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, StageOutput, StageRun, stage
 from .rejection_sampling import _link_tree
@@ -56,6 +56,8 @@ class GAttConfig(BaseModel):
     max_turns: int = Field(8, ge=1)
     max_constraints: int = Field(2, ge=1, description="constraints combined into one instruction (at most)")
     short_rate: float = Field(0.5, ge=0, le=1, description="share of instructions shortened (paper: half)")
+    constraint_kinds: list[Literal["signoff", "capitals", "start_word", "avoid_word"]] = Field(
+        default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1, description="the constraints instructions draw")
     concat_template: str = Field(SYSTEM_BLOCK_TEMPLATE, description="how inst is concatenated to a user turn while "
                                                                     "sampling ({inst}, {user})")
     require_obeyed: bool = Field(False, description="keep only dialogues whose every sampled answer obeys inst")
@@ -113,6 +115,7 @@ def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: Genera
 
 def _sampling_key(config: GAttConfig) -> dict:
     return config.model_dump(include={"dialogues", "min_turns", "max_turns", "max_constraints", "short_rate",
+                                      "constraint_kinds",
                                       "concat_template", "temperature", "top_p", "max_new_tokens", "seed"})
 
 
@@ -126,7 +129,8 @@ def build_dialogues(config: GAttConfig, prompts_path: str) -> list[dict]:
     if not texts:
         raise InputError(f"{prompts_path}: GAtt needs single-turn prompts with is_safety false, found none")
     return make_dialogues(texts, config.dialogues, config.min_turns, config.max_turns, config.seed,
-                          config.max_constraints, config.short_rate, satisfiable=satisfiable)
+                          config.max_constraints, config.short_rate, satisfiable=satisfiable,
+                          kinds=config.constraint_kinds)
 
 
 def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> dict:
