@@ -13,8 +13,8 @@ from llama2_align import demo_world as dw
 from llama2_align.chat import B_SYS, E_SYS, encode_dialog
 from llama2_align.data import validate_records
 from llama2_align.errors import InputError
-from llama2_align.multiturn import (CONSTRAINT_KINDS, Constraint, Instruction, make_dialogues, sample_instruction,
-                                    with_instruction)
+from llama2_align.multiturn import (CONSTRAINT_KINDS, Constraint, Instruction, all_instructions, make_dialogues,
+                                    sample_instruction, with_instruction)
 from llama2_align.stages.gatt import SYSTEM_BLOCK_TEMPLATE, dialogue_messages, summarize, training_records
 from llama2_align.stages.sft import tokenize_dialogues
 from llama2_align.tokenizer import load_tokenizer, train_tokenizer
@@ -72,6 +72,12 @@ def test_sampled_instructions_combine_kinds_at_random_and_are_shortened_half_the
     sizes = Counter(len(i.constraints) for i in insts)
     assert set(sizes) == {1, 2} and min(sizes.values()) > 700
     assert set(Counter(c.kind for i in insts for c in i.constraints)) == set(CONSTRAINT_KINDS)
+    drawable = set(all_instructions())
+    assert all(i in drawable for i in insts) and len(drawable) == len({i for i in insts})
+    two = [sample_instruction(rng, kinds=("signoff", "avoid_word")) for _ in range(200)]
+    assert {c.kind for i in two for c in i.constraints} == {"signoff", "avoid_word"}
+    with pytest.raises(InputError):
+        sample_instruction(rng, kinds=("rhyme",))
     assert [sample_instruction(random.Random(5)) for _ in range(3)] == [sample_instruction(random.Random(5))
                                                                         for _ in range(3)]
 
@@ -106,21 +112,21 @@ def test_extra_sft_records_are_valid_and_drawn_from_training_prompts_only(extra)
     users = {m["content"] for r in extra for m in r["messages"] if m["role"] == "user"}
     assert users and not users & held_out
     counts = Counter(r["category"] for r in extra)
-    assert counts == {"instruction": 300, "dialogue": 300, "safety-preprompt": 300}
+    assert counts == {"instruction": 600, "dialogue": 300, "safety-preprompt": 300}
     assert extra == dd.extra_sft_records(0, dw.DemoSizes())
     assert dd.extra_sft_records(0, dw.DemoSizes(), dialogues=False, preprompts=False) == []
 
 
 def test_instruction_demonstrations_obey_and_dialogues_carry_no_checkable_instruction(extra):
     inst_recs = [r for r in extra if r["category"] == "instruction"]
-    texts = {i.text for i in (sample_instruction(random.Random(k)) for k in range(3000))}
+    by_text = {i.text: i for i in all_instructions(kinds=dd.DEMO_CONSTRAINT_KINDS)}
     obeyed = []
     for r in inst_recs:
-        assert r["messages"][0]["role"] == "system" and r["messages"][0]["content"] in texts
-        inst = next(i for i in (sample_instruction(random.Random(k)) for k in range(3000))
-                    if i.text == r["messages"][0]["content"])
-        obeyed.append(inst.holds(r["messages"][-1]["content"]))
+        assert r["messages"][0]["role"] == "system" and r["messages"][0]["content"] in by_text
+        obeyed.append(by_text[r["messages"][0]["content"]].holds(r["messages"][-1]["content"]))
     assert 0.90 <= sum(obeyed) / len(obeyed) <= 0.99  # 5% ignore it (the demonstrators' noise)
+    kinds = Counter(c.kind for r in inst_recs for c in by_text[r["messages"][0]["content"]].constraints)
+    assert set(kinds) == set(dd.DEMO_CONSTRAINT_KINDS)  # no capitals in the demo
     dialogues = [r for r in extra if r["category"] == "dialogue"]
     assert all(4 <= len(r["messages"]) - (r["messages"][0]["role"] == "system") <= 16 for r in dialogues)
     systems = [r["messages"][0]["content"] for r in dialogues if r["messages"][0]["role"] == "system"]
