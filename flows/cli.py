@@ -91,6 +91,10 @@ def run(
         "--seeds", help="Run the pipeline once per demo seed, e.g. --seeds 0,1,2 (runs <run-name>-s<seed>) and "
                         "write <run-name>-seeds/summary.{json,md}: every headline metric per seed, its spread, "
                         "the demo bar per seed.")] = None,
+    context_distillation: Annotated[Optional[bool], typer.Option(
+        "--context-distillation/--no-context-distillation", help="After PPO: safety context distillation.")] = None,
+    gatt: Annotated[Optional[bool], typer.Option(
+        "--gatt/--no-gatt", help="After RLHF: Ghost Attention, and the multi-turn adherence evaluation.")] = None,
     print_config: Annotated[bool, typer.Option(
         "--print-config", help="Print the fully resolved config (every stage's settings) as JSON and exit.")] = False,
 ) -> None:
@@ -99,7 +103,8 @@ def run(
     Everything that can be checked is checked first (config, paths, data files); a refused run writes nothing. A
     stage that fails prints one paragraph (the stage, the error, the log file with the traceback, how to resume)."""
     given = {"preset": preset, "run_name": run_name, "runs_root": runs_root, "rejection_sampling": rejection_sampling,
-             "export": export, "tracking": tracking or None, "tracking_uri": tracking_uri}
+             "export": export, "tracking": tracking or None, "tracking_uri": tracking_uri,
+             "context_distillation": context_distillation, "gatt": gatt}
     seed_list = _parse_seeds(seeds)
     if print_config:
         _, resolved = _preflight(config, set_, given, check_inputs=False)

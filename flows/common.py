@@ -101,7 +101,8 @@ def prepare_data(stages: Stages) -> dict[str, str]:
     cfg = stages.cfg
     if cfg.data.source == "demo":
         paths = demo_data_task(cfg.upstream_dir(), seed=cfg.data.demo_seed, sizes=cfg.data.demo_sizes,
-                               vocab_size=cfg.data.vocab_size)
+                               vocab_size=cfg.data.vocab_size, dialogues=bool(cfg.data.demo_dialogues),
+                               preprompts=bool(cfg.data.demo_preprompts))
     else:
         d = cfg.data
         paths = {"sft": d.sft, "preference": d.preferences, "prompts": d.prompts, "eval": d.eval,

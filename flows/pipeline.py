@@ -1,7 +1,8 @@
 """The full Llama 2 alignment recipe as one flow; it reads like the DAG:
 
     data (demo world or files) -> tokenizer -> SFT -> {helpfulness RM, safety RM} -> [rejection sampling] -> PPO
-    -> evaluation (SFT vs final policy) -> [export: HF directory, GGUF file] -> report
+    -> [context distillation] -> [GAtt] -> evaluation (SFT vs every later policy) -> [multi-turn adherence]
+    -> [export of the final policy: HF directory, GGUF file] -> report
 
 Every stage is a retryable, cached task. A failed stage stops its dependents, is named in the error and in
 report.json; a re-run with the same parameters is served from the cache for every finished stage.
@@ -13,6 +14,7 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
+from flows.post_rlhf import adherence, after_rlhf
 from llama2_align.io import run_lock
 from llama2_align.pipeline import PipelineConfig
 from llama2_align.preflight import preflight
@@ -32,7 +34,8 @@ from tasks.sft import sft_task
 
 @flow(name="rlhf-pipeline", task_runner=ProcessPoolTaskRunner(max_workers=2))
 def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
-    """SFT -> helpfulness & safety reward models -> (rejection sampling) -> PPO -> evaluation -> report.
+    """SFT -> helpfulness & safety reward models -> (rejection sampling) -> PPO -> (context distillation, GAtt)
+    -> evaluation -> (multi-turn adherence) -> (export) -> report.
 
     Choose a preset (``demo-tiny`` runs on a laptop CPU; ``llama2-7b-lora`` and friends expect GPUs and a local
     checkpoint in ``base_model``) and override any field, e.g. ``{"ppo.iterations": 50}``. Returns the paths of
@@ -58,14 +61,18 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                              reward_safety=rm_s, prompts=data["prompts"]),
                          stages.dir("ppo"))
         checkpoints["ppo"] = ppo["final"]
+        checkpoints.update(after_rlhf(stages, ppo["final"], data["prompts"], rm_s))
         ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(checkpoints=checkpoints, baseline="sft",
                                                                 prompts=data["eval"], reward_helpfulness=rm_h,
                                                                 reward_safety=rm_s), stages.dir("eval"))
+        adh = adherence(stages, checkpoints, data["eval"], rm_h)
 
+        final = [k for k in checkpoints if k != "cd-untargeted"][-1]
         if cfg.export.enabled:
-            stages.run("export", export_task, cfg.export, ExportInputs(checkpoint=ppo["final"]), stages.dir("export"))
+            stages.run("export", export_task, cfg.export, ExportInputs(checkpoint=checkpoints[final]),
+                       stages.dir("export"))
         out = report_task(cfg.run_dir, cfg.preset, {k: v for k, v in stages.results.items() if k != "data"}, ev,
-                          "ppo")
+                          final, adherence=adh)
         stages.close(out)
         say(f"pipeline finished; report: {out['report_md']}")
         return out

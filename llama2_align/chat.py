@@ -99,12 +99,16 @@ def _encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def encode_dialog(tokenizer, messages: Sequence[dict]) -> EncodedDialog:
-    """Token ids and answer mask for a dialogue. Ends with an answer (training) or a user turn (a prompt)."""
+def encode_dialog(tokenizer, messages: Sequence[dict], last_answer_only: bool = False) -> EncodedDialog:
+    """Token ids and answer mask for a dialogue. Ends with an answer (training) or a user turn (a prompt).
+
+    ``last_answer_only``: the mask marks the last answer alone (Ghost Attention trains on the last turn only; every
+    earlier token, earlier answers included, gets zero loss)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     ids: list[int] = []
     mask: list[int] = []
     msgs = _fold_system(messages)
+    last_answer = len(msgs) - 1 if len(msgs) % 2 == 0 else -1
     for i in range(0, len(msgs), 2):
         user = msgs[i]["content"].strip()
         prompt = [bos] + _encode_text(tokenizer, f"{B_INST} {user} {E_INST}")
@@ -115,7 +119,7 @@ def encode_dialog(tokenizer, messages: Sequence[dict]) -> EncodedDialog:
             # so encoding the answer on its own (with its dummy-prefix space) gives the same ids.
             answer = _encode_text(tokenizer, f"{msgs[i + 1]['content'].strip()} ") + [eos]
             ids += answer
-            mask += [1] * len(answer)
+            mask += [int(not last_answer_only or i + 1 == last_answer)] * len(answer)
     return EncodedDialog(ids, mask)
 
 

@@ -62,10 +62,12 @@ PRESETS: dict[str, dict] = {
                        intermediate_size=28672, vocab_size=32000, max_position_embeddings=4096),
     "small": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                   intermediate_size=704, vocab_size=8192, max_position_embeddings=512),
+    # tiny/micro: 512 positions hold the demo's 8-turn dialogues (GAtt); RoPE has no position weights, so the
+    # parameters and their initialisation are those of the 256-position presets they were.
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=344, vocab_size=2048, max_position_embeddings=256),
+                 intermediate_size=344, vocab_size=2048, max_position_embeddings=512),
     "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=172, vocab_size=1024, max_position_embeddings=256),
+                  intermediate_size=172, vocab_size=1024, max_position_embeddings=512),
 }
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

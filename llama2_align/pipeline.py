@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError
 from .presets import PRESETS
+from .stages.adherence import AdherenceConfig
+from .stages.context_distillation import ContextDistillationConfig
 from .stages.evaluate import EvalConfig
 from .stages.export import ExportConfig
+from .stages.gatt import GAttConfig
 from .stages.ppo import PPOConfig
 from .stages.rejection_sampling import RejectionSamplingConfig
 from .stages.reward import RewardConfig
@@ -47,6 +50,11 @@ class DataSettings(BaseModel):
     prompts: str | None = None
     eval: str | None = None
     tokenizer: str | None = Field(None, description="files only; default: the base checkpoint's own tokenizer")
+    # GAtt and context distillation: the demo world's extra SFT demonstrations (llama2_align/demo_dialogues.py)
+    demo_dialogues: bool | None = Field(None, description="demo only: add instruction and multi-turn SFT "
+                                                          "demonstrations (default: when gatt is enabled)")
+    demo_preprompts: bool | None = Field(None, description="demo only: add safety-preprompt SFT demonstrations "
+                                                           "(default: when context_distillation is enabled)")
 
 
 class ResolvedPipeline(BaseModel):
@@ -71,6 +79,10 @@ class ResolvedPipeline(BaseModel):
 
     def upstream_dir(self) -> str:
         return self.shared_dir or self.run_dir
+    # after RLHF (off by default): context distillation after PPO, then GAtt; the multi-turn evaluation
+    context_distillation: ContextDistillationConfig = Field(default_factory=ContextDistillationConfig)
+    gatt: GAttConfig = Field(default_factory=GAttConfig)
+    adherence: AdherenceConfig = Field(default_factory=AdherenceConfig)
 
 
 class PipelineConfig(BaseModel):
@@ -88,6 +100,8 @@ class PipelineConfig(BaseModel):
     data: DataSettings | None = None
     rejection_sampling: bool | None = Field(None, description="run SFT -> RS -> PPO instead of SFT -> PPO")
     export: bool | None = Field(None, description="export the final policy (HF directory and GGUF file) at the end")
+    context_distillation: bool | None = Field(None, description="after PPO: safety context distillation")
+    gatt: bool | None = Field(None, description="after RLHF: Ghost Attention, and the multi-turn evaluation")
     concurrent_reward_models: bool | None = Field(
         None, description="train both reward models at once (default: on a GPU machine or a CPU with >= 8 cores)")
     overrides: dict[str, Any] = Field(default_factory=dict,
@@ -130,7 +144,7 @@ def _set_path(tree: dict, dotted: str, value: Any, known: dict) -> None:
 
 #: The sections whose ``seed`` follows the demo world's seed.
 SEEDED_SECTIONS = ("sft", "reward_helpfulness", "reward_safety", "rejection_sampling", "rejection_sampling.sft", "ppo",
-                   "eval")
+                   "eval", "context_distillation", "context_distillation.sft", "gatt", "gatt.sft", "adherence")
 
 
 def _derive_seeds(tree: dict, overrides: dict) -> None:
@@ -168,8 +182,12 @@ def resolve(config: PipelineConfig) -> ResolvedPipeline:
         tree["rejection_sampling"]["enabled"] = config.rejection_sampling
     if config.export is not None:
         tree["export"]["enabled"] = config.export
+    for flag in ("context_distillation", "gatt"):
+        if getattr(config, flag) is not None:
+            tree[flag]["enabled"] = getattr(config, flag)
     for key, value in config.overrides.items():
         _set_path(tree, key, value, known)
+    _resolve_post_rlhf(tree)
     if tree["data"]["source"] == "demo":
         _derive_seeds(tree, config.overrides)
     tree["shared_dir"] = config.shared_from
@@ -184,6 +202,19 @@ def resolve(config: PipelineConfig) -> ResolvedPipeline:
             raise ConfigError(f"data.source is 'files' but no path is set for: "
                               f"{', '.join('data.' + m for m in missing)}")
     return resolved
+
+
+def _resolve_post_rlhf(tree: dict) -> None:
+    """What GAtt and context distillation imply when left unset: the demo world's extra SFT demonstrations they
+    need (instruction and multi-turn dialogues for GAtt, safety preprompts for context distillation), and SFT
+    batches grouped by length when the long dialogues are in its data."""
+    data = tree["data"]
+    if data.get("demo_dialogues") is None:
+        data["demo_dialogues"] = bool(tree["gatt"]["enabled"])
+    if data.get("demo_preprompts") is None:
+        data["demo_preprompts"] = bool(tree["context_distillation"]["enabled"])
+    if tree["sft"].get("group_by_length") is None:
+        tree["sft"]["group_by_length"] = data["source"] == "demo" and data["demo_dialogues"]
 
 
 def preset_config(preset: str) -> ResolvedPipeline:

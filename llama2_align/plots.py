@@ -102,3 +102,36 @@ def plot_trajectory(points: Sequence[dict], out_png: str | Path, xlabel: str, yl
     if title:
         ax.set_title(title, fontsize=10)
     return _write_png(fig, out_png)
+
+
+def plot_by_turn(panels: dict[str, dict[str, list[float | None]]], out_png: str | Path, title: str = "",
+                 bands: dict[str, dict[str, list[list[float] | None]]] | None = None) -> Path | None:
+    """One panel per metric (``panels[metric][series] = value per turn``, turn 1 first), one line per series, with
+    an optional shaded interval per point (``bands[metric][series] = [lo, hi] per turn``); None when empty."""
+    present = {m: {s: v for s, v in series.items() if any(x is not None for x in v)} for m, series in panels.items()}
+    present = {m: s for m, s in present.items() if s}
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(present), figsize=(4.6 * len(present), 3.4), squeeze=False)
+    for ax, (metric, series) in zip(axes[0], present.items()):
+        for name, values in series.items():
+            pts = [(t + 1, v) for t, v in enumerate(values) if v is not None]
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            band = ((bands or {}).get(metric) or {}).get(name)
+            if band:
+                tb = [(t + 1, b) for t, b in enumerate(band) if b is not None]
+                ax.fill_between([p[0] for p in tb], [p[1][0] for p in tb], [p[1][1] for p in tb],
+                                color=line.get_color(), alpha=0.15)
+        ax.set_title(metric)
+        ax.set_xlabel("turn")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _write_png(fig, out_png)

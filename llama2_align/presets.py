@@ -46,6 +46,18 @@ DEMO_REJECTION_SAMPLING = {"max_new_tokens": 24, "generation_batch_size": 64, "s
 # Sampled at temperature 1 (greedy would hide the unsafe minority SFT learned), 4 samples per prompt so a rate moves
 # by ~0.01 from noise rather than ~0.02.
 DEMO_EVAL = {"max_new_tokens": 24, "temperature": 1.0, "samples_per_prompt": 4, "batch_size": 128}
+# After RLHF, when switched on (gatt.enabled, context_distillation.enabled). SFT's max_length 512 holds the 8-turn
+# dialogues GAtt adds to the demo's SFT data (the single-turn records stay under 100 tokens: nothing else changes).
+DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch_size": 32, "micro_batch_size": 32,
+                 "max_length": 512, "warmup_ratio": 0.05, "eval_steps": 50, "save_steps": 50,
+                 "sample_max_new_tokens": 24, "num_samples": 4, "progress_bar": False}
+# The demo's instructions leave capital letters out (llama2_align/demo_dialogues.py says why).
+DEMO_KINDS = ["signoff", "start_word", "avoid_word"]
+DEMO_GATT = {"dialogues": 384, "max_new_tokens": 24, "generation_batch_size": 128, "constraint_kinds": DEMO_KINDS}
+DEMO_CONTEXT_DISTILLATION = {"samples_per_prompt": 2, "max_new_tokens": 24, "generation_batch_size": 128,
+                             "score_batch_size": 128}
+DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 24, "batch_size": 128, "score_batch_size": 128,
+                  "constraint_kinds": DEMO_KINDS}
 
 DEMO = {
     **section("sft", DEMO_SFT),
@@ -54,6 +66,11 @@ DEMO = {
     **section("rejection_sampling.sft", DEMO_SFT),
     **section("ppo", DEMO_PPO),
     **section("eval", DEMO_EVAL),
+    "sft.max_length": 512,
+    **section("gatt", DEMO_GATT), **section("gatt.sft", DEMO_POST_SFT),
+    **section("context_distillation", DEMO_CONTEXT_DISTILLATION),
+    **section("context_distillation.sft", DEMO_POST_SFT),
+    **section("adherence", DEMO_ADHERENCE),
 }
 
 # --- real Llama 2 checkpoints on GPUs --------------------------------------------------------------------------------
@@ -96,6 +113,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                           "micro_batch_size": 16, "max_new_tokens": 12, "save_every": 2, "sample_every": 1,
                           "num_samples": 3}),
         **section("eval", {"max_new_tokens": 12, "samples_per_prompt": 1, "max_prompts": 30}),
+        # the micro model rarely ends an answer with EOS: keep what it writes
+        **section("gatt", {"dialogues": 16, "max_turns": 3, "max_new_tokens": 12, "require_finished": False}),
+        **section("context_distillation", {"samples_per_prompt": 1, "max_prompts": 16, "max_new_tokens": 12,
+                                           "require_finished": False}),
+        **{f"{s}.sft.{k}": v for s in ("gatt", "context_distillation")
+           for k, v in {"max_steps": 2, "eval_steps": 10, "save_steps": 10, "logging_steps": 1, "num_samples": 1,
+                        "batch_size": 8, "micro_batch_size": 8}.items()},
+        **section("adherence", {"dialogues": 6, "turns": 3, "late_turn": 2, "max_new_tokens": 12}),
     },
     "llama2-7b-lora": {"base_model": "/models/llama2-7b-hf", **GPU, **WITH_LORA},
     "llama2-7b": {"base_model": "/models/llama2-7b-hf", **GPU},

@@ -9,7 +9,13 @@
                              "ci": {<metric>: [lo, hi]},          # 95% interval of (checkpoint - baseline)
                              "ci_relative": {"violation_rate": [lo, hi]}}},   # of (checkpoint - baseline) / baseline
      "rm_accuracy": {<rm>: {<category>: {<rating>: acc}}},
-     "demo_bar": {...}   # only when the oracle judged}
+     "demo_bar": {...},  # only when the oracle judged
+     "added_stages": {<cd|cd-untargeted|gatt>: {"vs": <checkpoint before it>, "ci": {...}, "ci_relative": {...}}},
+     "multiturn": {"baseline", "checkpoints": {<checkpoint>: {"adherence_by_turn", "helpfulness_by_turn",
+                                                              "adherence_late", "helpfulness_late", "ci", ...}}}}
+
+The last two appear only when context distillation or GAtt ran (``added_stages``: each such stage against the policy
+it started from) and when the multi-turn evaluation ran (``multiturn``).
 
 The intervals come from a paired bootstrap over prompts (``llama2_align.stats``); the baseline has none. The verdict
 column says "better"/"worse" only where the interval excludes 0. For the win rate the interval is of wins minus
@@ -118,7 +124,7 @@ def bar_line(bar: dict) -> str:
 
 
 def build_report(run_dir: str | Path, preset: str, stages: dict[str, dict], eval_result: dict | None,
-                 final_name: str) -> dict:
+                 final_name: str, added_stages: dict | None = None, adherence_result: dict | None = None) -> dict:
     """``stages`` maps a stage name to its StageResult dict (or {"status": "skipped"/"failed", ...})."""
     report: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -151,6 +157,7 @@ def build_report(run_dir: str | Path, preset: str, stages: dict[str, dict], eval
                 report["eval"][ckpt]["ci_relative"] = m.get("ci_relative", {})
         if em["checkpoints"].get(em["baseline"], {}).get("judge") == "oracle" and final_name in em["checkpoints"]:
             report["demo_bar"] = demo_bar(em["checkpoints"][em["baseline"]], em["checkpoints"][final_name])
+    add_post_rlhf(report, added_stages, adherence_result)
     return report
 
 
@@ -255,6 +262,7 @@ def render_markdown(report: dict, side_by_side: list[dict] | None = None, ppo_cu
                if embed_images else str(Path(ppo_curves).relative_to(report["run_dir"]))
                if Path(ppo_curves).is_relative_to(report["run_dir"]) else str(ppo_curves))
         lines += ["## PPO curves", "", f"![PPO: reward, KL and response length]({src})", ""]
+    lines += post_rlhf_markdown(report, embed_images)
     if side_by_side:
         lines += [f"## Sample answers ({base} vs {final})", ""]
         sbs = [{"category": r["category"], "prompt": r["prompt"], base: r.get(base, ""), final: r.get(final, "")}
@@ -269,3 +277,91 @@ def write_report(run_dir: str | Path, report: dict, side_by_side: list[dict] | N
     js = atomic_write_json(run_dir / "report.json", report)
     md = atomic_write_text(run_dir / "report.md", render_markdown(report, side_by_side, ppo_curves))
     return js, md
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# After RLHF: context distillation and GAtt against the policy before them; multi-turn adherence
+# --------------------------------------------------------------------------------------------------------------------
+
+ADDED_STAGE_KEYS = ("violation_rate", "false_refusal_borderline", "false_refusal_rate", "helpfulness_accuracy",
+                    "borderline_accuracy", "malformed_rate", "rm_safety", "rm_helpfulness")
+MULTITURN_KEYS = ("adherence_by_turn", "helpfulness_by_turn", "refusal_by_turn", "rm_helpfulness_by_turn",
+                  "adherence_late", "helpfulness_late", "adherence_all", "by_constraint", "no_eos_frac", "late_turn",
+                  "turns", "dialogues", "ci")
+
+
+def add_post_rlhf(report: dict, added_stages: dict | None, adherence_result: dict | None) -> None:
+    """``report["added_stages"]`` and ``report["multiturn"]`` (see the module doc), when there is anything."""
+    if added_stages:
+        report["added_stages"] = added_stages
+    if adherence_result and adherence_result.get("metrics"):
+        m = adherence_result["metrics"]
+        png = (adherence_result.get("artifacts") or {}).get("adherence_plot")
+        order = m.get("order") or list(m["checkpoints"])
+        report["multiturn"] = {"baseline": m["baseline"], "order": order,
+                               "plot": str(Path(adherence_result["out_dir"]) / png) if png else None,
+                               "checkpoints": {n: {k: m["checkpoints"][n].get(k) for k in MULTITURN_KEYS}
+                                               for n in order}}
+
+
+def added_stage_rows(report: dict) -> list[dict[str, str]]:
+    """Each added stage against the policy it started from: value before, after, change, 95% interval, verdict."""
+    rows = []
+    for stage, comp in (report.get("added_stages") or {}).items():
+        ref, ev = comp["vs"], report["eval"]
+        for key in ADDED_STAGE_KEYS:
+            b, f = ev.get(ref, {}).get(key), ev.get(stage, {}).get(key)
+            ci = (comp.get("ci") or {}).get(key)
+            delta = f - b if isinstance(b, (int, float)) and isinstance(f, (int, float)) else None
+            rows.append({"stage": stage, "vs": ref, "metric": key, "before": _fmt(b), "after": _fmt(f),
+                         "change": "n/a" if delta is None else f"{delta:+.3f}",
+                         "95% CI": "" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]", "verdict": verdict(key, ci)})
+    return rows
+
+
+def multiturn_rows(report: dict, kind: str) -> list[dict[str, str]]:
+    """One row per turn, one column per checkpoint: ``kind`` is "adherence" or "helpfulness"."""
+    mt = report.get("multiturn") or {}
+    cps = {n: mt["checkpoints"][n] for n in mt.get("order") or mt.get("checkpoints") or {}}
+    turns = max((len(c.get(f"{kind}_by_turn") or []) for c in cps.values()), default=0)
+    return [{"turn": str(t + 1), **{n: _fmt((c.get(f"{kind}_by_turn") or [None] * turns)[t]) for n, c in cps.items()}}
+            for t in range(turns)]
+
+
+def multiturn_summary_rows(report: dict) -> list[dict[str, str]]:
+    mt = report.get("multiturn") or {}
+    rows = []
+    for name in mt.get("order") or mt.get("checkpoints") or {}:
+        c = mt["checkpoints"][name]
+        ci = c.get("ci") or {}
+        row = {"checkpoint": name, f"adherence turn >= {c.get('late_turn')}": _fmt(c.get("adherence_late")),
+               "helpfulness (late)": _fmt(c.get("helpfulness_late")), "adherence turn 1": _fmt(
+                   (c.get("adherence_by_turn") or [None])[0])}
+        for key in ("adherence_late", "helpfulness_late"):
+            iv = ci.get(key)
+            row[f"{key} vs {mt['baseline']}, 95% CI"] = "" if iv is None else f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+        rows.append(row)
+    return rows
+
+
+def post_rlhf_markdown(report: dict, embed_images: bool = False) -> list[str]:
+    lines: list[str] = []
+    rows = added_stage_rows(report)
+    if rows:
+        lines += ["## Stages after RLHF, each against the policy it started from", ""] + _table(rows) + [
+            "", "Intervals: 95%, paired bootstrap over prompts on the evaluation's answers (as in the headline).", ""]
+    mt = report.get("multiturn")
+    if mt:
+        lines += [f"## Multi-turn adherence (instruction given once, as the system prompt; baseline "
+                  f"{mt['baseline']})", ""] + _table(multiturn_summary_rows(report)) + [""]
+        lines += ["Share of assistant turns obeying the system instruction, by turn:", ""]
+        lines += _table(multiturn_rows(report, "adherence")) + [""]
+        lines += ["Helpfulness of each turn (the oracle's verdict on its question), by turn:", ""]
+        lines += _table(multiturn_rows(report, "helpfulness")) + [""]
+        plot = mt.get("plot")
+        if plot and Path(plot).exists():
+            src = ("data:image/png;base64," + base64.b64encode(Path(plot).read_bytes()).decode() if embed_images
+                   else str(Path(plot).relative_to(report["run_dir"])) if Path(plot).is_relative_to(report["run_dir"])
+                   else plot)
+            lines += [f"![adherence and helpfulness by turn]({src})", ""]
+    return lines

@@ -7,6 +7,7 @@ from typing import Literal
 
 from prefect import get_run_logger, task
 
+from llama2_align.demo_dialogues import corpus_texts, write_extended_sft
 from llama2_align.demo_world import DemoSizes, generate_demo_world, write_demo_datasets
 from llama2_align.tokenizer import train_tokenizer
 
@@ -19,14 +20,24 @@ def demo_sizes(sizes: str) -> DemoSizes:
 
 @task(name="demo-data", task_run_name="demo-data", retries=RETRIES, retry_condition_fn=retry_transient)
 def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro"] = "default",
-                   vocab_size: int = 2048) -> dict[str, str]:
+                   vocab_size: int = 2048, dialogues: bool = False, preprompts: bool = False) -> dict[str, str]:
     """Write the demo datasets and tokenizer under ``out_dir``; returns ``{"sft", "preference", "prompts", "eval",
-    "tokenizer"}`` paths. Deterministic for a seed; the tokenizer is kept when it already exists."""
+    "tokenizer"}`` paths. Deterministic for a seed; the tokenizer is kept when it already exists.
+
+    ``dialogues`` / ``preprompts`` (GAtt / context distillation): the SFT set is ``sft_extended.jsonl``, the world's
+    demonstrations followed by the extra ones (``llama2_align.demo_dialogues``), and the tokenizer, trained on their
+    text too, lives in its own directory (``tokenizer+dialogues+preprompts``)."""
     logger = get_run_logger()
     paths = {k: str(v) for k, v in write_demo_datasets(Path(out_dir) / "data", seed, demo_sizes(sizes)).items()}
-    tok_dir = Path(out_dir) / "tokenizer"
+    extras = [name for name, on in (("dialogues", dialogues), ("preprompts", preprompts)) if on]
+    extra: list[dict] = []
+    if extras:
+        sft, extra = write_extended_sft(Path(out_dir) / "data", seed, demo_sizes(sizes), dialogues, preprompts)
+        paths["sft"] = str(sft)
+    tok_dir = Path(out_dir) / "+".join(["tokenizer"] + extras)
     if not tok_dir.exists():
-        train_tokenizer(generate_demo_world(seed, demo_sizes(sizes)).corpus_texts(), tok_dir, vocab_size, seed=seed)
+        texts = generate_demo_world(seed, demo_sizes(sizes)).corpus_texts() + (corpus_texts(extra) if extra else [])
+        train_tokenizer(list(dict.fromkeys(texts)), tok_dir, vocab_size, seed=seed)
     paths["tokenizer"] = str(tok_dir)
     logger.info(f"demo world (seed {seed}, {sizes} sizes): {paths}")
     return paths

@@ -13,10 +13,17 @@ from llama2_align.report import build_report, headline_rows, render_markdown, wr
 
 @task(name="report", task_run_name="report")
 def report_task(run_dir: str, preset: str, stages: dict[str, dict], eval_result: dict | None,
-                final_name: str) -> dict:
+                final_name: str, adherence: dict | None = None) -> dict:
     """Write the report and publish it: ``rlhf-report`` (markdown with the PPO curves inlined) and
-    ``rlhf-headline`` (baseline vs final on every evaluation metric)."""
-    report = build_report(run_dir, preset, stages, eval_result, final_name)
+    ``rlhf-headline`` (baseline vs final on every evaluation metric). ``adherence``: the multi-turn evaluation's
+    result when it ran; stages added after RLHF are compared with the policy they started from."""
+    added = None
+    if eval_result:
+        from llama2_align.compare import compare_eval_dir
+
+        ec = eval_result.get("config") or {}
+        added = compare_eval_dir(eval_result["out_dir"], ec.get("bootstrap_resamples", 2000), ec.get("seed", 1234))
+    report = build_report(run_dir, preset, stages, eval_result, final_name, added, adherence)
     side_by_side = None
     if eval_result:
         sbs = Path(eval_result["out_dir"]) / "side_by_side.json"

@@ -35,6 +35,11 @@ class SFTConfig(TrainStageConfig):
     max_val_examples: int = Field(512, ge=0)
     num_samples: int = Field(8, ge=0, description="sample generations on held-out prompts written at the end")
     sample_max_new_tokens: int = Field(64, ge=1)
+    loss_on: Literal["all_answers", "last_answer"] = Field(
+        "all_answers", description="last_answer: loss on each dialogue's last answer only (Ghost Attention)")
+    group_by_length: bool | None = Field(
+        None, description="batch dialogues of similar length together (less padding when short and long dialogues "
+                          "mix); None: off, except in a pipeline whose demo SFT data holds multi-turn dialogues")
 
 
 class SFTInputs(BaseModel):
@@ -57,10 +62,10 @@ def _split(records: list, val_fraction: float, max_val: int, seed: int):
     return [records[i] for i in train], [records[i] for i in val]
 
 
-def tokenize_dialogues(tokenizer, records) -> list[dict]:
+def tokenize_dialogues(tokenizer, records, last_answer_only: bool = False) -> list[dict]:
     rows = []
     for rec in records:
-        enc = encode_dialog(tokenizer, [m.model_dump() for m in rec.messages])
+        enc = encode_dialog(tokenizer, [m.model_dump() for m in rec.messages], last_answer_only=last_answer_only)
         rows.append({"input_ids": enc.input_ids, "assistant_masks": enc.answer_mask})
     return rows
 
@@ -87,10 +92,12 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
     model = build_model(base_path, "policy", lora=config.lora, dtype=resolve_dtype(config.dtype),
                         vocab_size=len(tokenizer), seed=config.seed, continue_adapter=False,
                         gradient_checkpointing=config.gradient_checkpointing, device=fsdp.build_device(config))
-    train_ds = Dataset.from_list(tokenize_dialogues(tokenizer, train_recs))
-    val_ds = Dataset.from_list(tokenize_dialogues(tokenizer, val_recs)) if val_recs else None
+    last_only = config.loss_on == "last_answer"
+    train_ds = Dataset.from_list(tokenize_dialogues(tokenizer, train_recs, last_only))
+    val_ds = Dataset.from_list(tokenize_dialogues(tokenizer, val_recs, last_only)) if val_recs else None
     args = TRLSFTConfig(**trainer_arguments(config, run.out_dir, len(train_ds), val_ds is not None),
-                        packing=config.packing, dataset_kwargs={})
+                        packing=config.packing, dataset_kwargs={},
+                        train_sampling_strategy="group_by_length" if config.group_by_length else "random")
     trainer = make_trainer(SFTTrainer, config, run, model=model, args=args, train_dataset=train_ds,
                            eval_dataset=val_ds, processing_class=tokenizer)
     train(trainer, run)

@@ -181,7 +181,7 @@ def test_gguf_metadata_is_llamas(gguf_files, policy_dir):
     for gguf_type, (path, meta) in gguf_files.items():
         kv, _ = _fields(path)
         assert kv["general.architecture"] == "llama"
-        assert kv["llama.context_length"] == cfg["max_position_embeddings"] == 256
+        assert kv["llama.context_length"] == cfg["max_position_embeddings"] == 512
         assert kv["llama.embedding_length"] == cfg["hidden_size"] == 64
         assert kv["llama.block_count"] == cfg["num_hidden_layers"] == 2
         assert kv["llama.feed_forward_length"] == cfg["intermediate_size"] == 172

@@ -1,0 +1,47 @@
+"""The stages that come after RLHF, in the paper's order: safety context distillation after PPO, then Ghost
+Attention, each on the policy the previous one produced. Each is off unless its config enables it. A pipeline (or a
+round of ``rlhf-rounds``) calls :func:`after_rlhf` with its latest policy and adds the checkpoints it returns to its
+evaluation; :func:`adherence` runs the multi-turn evaluation when GAtt ran (or when it is enabled on its own)."""
+
+from __future__ import annotations
+
+from flows.common import Stages
+from llama2_align.stages.adherence import AdherenceInputs
+from llama2_align.stages.context_distillation import ContextDistillationInputs
+from llama2_align.stages.gatt import GAttInputs
+from tasks.adherence import adherence_task
+from tasks.context_distillation import context_distillation_task
+from tasks.gatt import gatt_task
+
+
+def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, prefix: str = "") -> dict[str, str]:
+    """Run the enabled post-RLHF stages from ``policy``; returns the new checkpoints, in order (``cd``, and
+    ``cd-untargeted`` when compared, ``gatt``). ``prefix`` names a round's stage directories (``round-2/``)."""
+    cfg, out = stages.cfg, {}
+    if cfg.context_distillation.enabled:
+        cd = stages.run(f"{prefix}context-distillation", context_distillation_task, cfg.context_distillation,
+                        ContextDistillationInputs(policy=policy, prompts=prompts, reward_safety=reward_safety),
+                        stages.dir(f"{prefix}context-distillation"))
+        out["cd"] = policy = cd["final"]
+        if cd["metrics"].get("untargeted_final"):
+            out["cd-untargeted"] = cd["metrics"]["untargeted_final"]
+    if cfg.gatt.enabled:
+        gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt, GAttInputs(policy=policy, prompts=prompts),
+                          stages.dir(f"{prefix}gatt"))
+        out["gatt"] = gatt["final"]
+    return out
+
+
+def adherence(stages: Stages, checkpoints: dict[str, str], eval_prompts: str, reward_helpfulness: str,
+              prefix: str = "") -> dict | None:
+    """The multi-turn evaluation of every policy checkpoint (the untargeted comparison aside), against the policy
+    GAtt started from; None when neither GAtt nor the evaluation itself is enabled."""
+    cfg = stages.cfg
+    if not (cfg.gatt.enabled or cfg.adherence.enabled):
+        return None
+    policies = {k: v for k, v in checkpoints.items() if k != "cd-untargeted"}
+    names = list(policies)
+    baseline = names[names.index("gatt") - 1] if "gatt" in names and len(names) > 1 else names[0]
+    return stages.run(f"{prefix}adherence", adherence_task, cfg.adherence,
+                      AdherenceInputs(checkpoints=policies, baseline=baseline, prompts=eval_prompts,
+                                      reward_helpfulness=reward_helpfulness), stages.dir(f"{prefix}adherence"))

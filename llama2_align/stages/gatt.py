@@ -1,0 +1,222 @@
+"""Ghost Attention (GAtt, Llama 2 §3.3): keep a system instruction alive over a whole dialogue.
+
+1. build    dialogues of independent questions (the prompts file's non-safety prompts, 1..``max_turns`` turns) and
+            give each an instruction ``inst`` (``multiturn``: checkable constraints combined at random, half the time
+            shortened);
+2. sample   every assistant turn from the latest policy with ``inst`` concatenated to every user turn
+            (``concat_template``), turn by turn, so each answer sees the earlier sampled answers;
+3. rebuild  the dialogue with ``inst`` only in the first turn, as the system prompt of the Llama 2 format;
+4. train    with zero loss on every token of the earlier turns (earlier answers included) and full loss on the last
+            answer: the SFT stage with ``loss_on="last_answer"`` (``<out_dir>/sft``, which resumes by itself).
+
+Stage directory: ``gatt_samples.json`` (every dialogue with its sampled answers; reused on a re-run with the same
+sampling settings, so a crash during fine-tuning never re-samples), ``gatt.jsonl`` (the training dialogues),
+``sft/`` (the inner SFT stage), ``final/`` (hard links to ``sft/final``), ``samples.json``, ``result.json`` (last).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import dist
+from ..chat import encode_dialog
+from ..data import read_records, write_jsonl
+from ..errors import InputError
+from ..generation import GenerationSettings, generate
+from ..io import atomic_write_json
+from ..model import build_model, freeze
+from ..multiturn import CONSTRAINT_KINDS, Instruction, make_dialogues, with_instruction
+from ..tokenizer import load_tokenizer
+from .common import FINAL_DIR, StageOutput, StageRun, stage
+from .rejection_sampling import _link_tree
+from .sft import SFTConfig, SFTInputs, run_sft
+
+SAMPLES_FILE = "gatt_samples.json"
+DATA_FILE = "gatt.jsonl"
+SFT_DIR = "sft"
+#: The instruction concatenated to a user turn as the Llama 2 format writes a system prompt (the form in which the
+#: model has learnt to follow instructions).
+SYSTEM_BLOCK_TEMPLATE = "<<SYS>>\n{inst}\n<</SYS>>\n\n{user}"
+
+
+def _sft_default() -> SFTConfig:
+    return SFTConfig(loss_on="last_answer", epochs=1.0)
+
+
+class GAttConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="run Ghost Attention in the pipeline (after RLHF)")
+    dialogues: int = Field(512, ge=1, description="synthetic dialogues to sample")
+    min_turns: int = Field(1, ge=1)
+    max_turns: int = Field(8, ge=1)
+    max_constraints: int = Field(2, ge=1, description="constraints combined into one instruction (at most)")
+    short_rate: float = Field(0.5, ge=0, le=1, description="share of instructions shortened (paper: half)")
+    constraint_kinds: list[Literal["signoff", "capitals", "start_word", "avoid_word"]] = Field(
+        default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1, description="the constraints instructions draw")
+    concat_template: str = Field(SYSTEM_BLOCK_TEMPLATE, description="how inst is concatenated to a user turn while "
+                                                                    "sampling ({inst}, {user})")
+    require_obeyed: bool = Field(False, description="keep only dialogues whose every sampled answer obeys inst")
+    require_finished: bool = Field(True, description="keep only dialogues whose every answer ended with EOS")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    generation_batch_size: int = Field(64, ge=1)
+    num_samples: int = Field(4, ge=0, description="training dialogues written to samples.json")
+    dtype: str = "auto"
+    seed: int = 0
+    sft: SFTConfig = Field(default_factory=_sft_default, description="the fine-tune (loss on the last answer)")
+
+
+class GAttInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str  # the latest policy (after a round of RLHF)
+    prompts: str  # kind "prompts": the dialogues' questions are its non-safety prompts
+
+
+def dialogue_messages(turns: Sequence[str], answers: Sequence[str], inst: str | None, template: str | None = None
+                      ) -> list[dict]:
+    """The messages of a dialogue up to its next user turn (or its last answer, when every turn is answered).
+    ``template`` set: ``inst`` concatenated to every user turn (sampling); otherwise ``inst`` is the system prompt
+    (in the first turn only), or nothing when None."""
+    msgs = [{"role": "system", "content": inst}] if inst and template is None else []
+    for k, user in enumerate(turns[: len(answers) + 1]):
+        msgs.append({"role": "user", "content": with_instruction(user, inst, template) if template else user})
+        if k < len(answers):
+            msgs.append({"role": "assistant", "content": answers[k]})
+    return msgs
+
+
+def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: GenerationSettings,
+                   template: str | None = None, progress=None) -> list[dict]:
+    """Answer every turn of every dialogue with ``model``, turn by turn (each answer sees the earlier ones).
+    ``dialogues``: ``{"turns": [...], "instruction": {...}}``; the instruction is the system prompt, or with a
+    ``template`` is concatenated to every user turn. Returns ``{"answers": [...], "finished": [...]}`` per
+    dialogue."""
+    out = [{"answers": [], "finished": []} for _ in dialogues]
+    insts = [Instruction.from_dict(d["instruction"]).text if d.get("instruction") else None for d in dialogues]
+    most = max(len(d["turns"]) for d in dialogues)
+    for t in range(most):
+        live = [i for i, d in enumerate(dialogues) if len(d["turns"]) > t]
+        prompts = [dialogue_messages(dialogues[i]["turns"], out[i]["answers"], insts[i], template) for i in live]
+        gens = generate(model, tokenizer, prompts, settings.model_copy(update={"seed": settings.seed + t}))
+        for i, text, done in zip(live, gens.texts, gens.finished):
+            out[i]["answers"].append(text)
+            out[i]["finished"].append(bool(done))
+        if progress is not None:
+            progress(t + 1, most)
+    return out
+
+
+def _sampling_key(config: GAttConfig) -> dict:
+    return config.model_dump(include={"dialogues", "min_turns", "max_turns", "max_constraints", "short_rate",
+                                      "constraint_kinds",
+                                      "concat_template", "temperature", "top_p", "max_new_tokens", "seed"})
+
+
+def build_dialogues(config: GAttConfig, prompts_path: str) -> list[dict]:
+    """The synthetic dialogues: non-safety prompts chained into 1..max_turns turns, each with an instruction that
+    some good answer to each of its turns can obey (checked for demo-world prompts)."""
+    from ..demo_dialogues import satisfiable
+
+    records = read_records(prompts_path, "prompts")
+    texts = [r.prompt for r in records if not r.is_safety and r.prompt is not None]
+    if not texts:
+        raise InputError(f"{prompts_path}: GAtt needs single-turn prompts with is_safety false, found none")
+    return make_dialogues(texts, config.dialogues, config.min_turns, config.max_turns, config.seed,
+                          config.max_constraints, config.short_rate, satisfiable=satisfiable,
+                          kinds=config.constraint_kinds)
+
+
+def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> dict:
+    """Steps 1-2: build the dialogues and sample every answer with inst in every user turn."""
+    dialogues = build_dialogues(config, inputs.prompts)
+    tokenizer = load_tokenizer(inputs.policy)
+    policy = freeze(build_model(inputs.policy, "policy", dtype=config.dtype, seed=config.seed))
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                  top_p=config.top_p, batch_size=config.generation_batch_size, seed=config.seed)
+    rolled = roll_dialogues(policy, tokenizer, dialogues, settings, template=config.concat_template,
+                            progress=lambda t, n: run.report(t, n, {"sampling_turn": t}))
+    for d, r in zip(dialogues, rolled):
+        d.update(r)
+        d["obeyed"] = [Instruction.from_dict(d["instruction"]).holds(a) for a in r["answers"]]
+    return {"sampling": _sampling_key(config), "policy": inputs.policy, "dialogues": dialogues}
+
+
+def training_records(doc: dict, config: GAttConfig, tokenizer) -> tuple[list[dict], dict]:
+    """Step 3: each usable dialogue with inst as the system prompt of its first turn only. A dialogue is dropped
+    when an answer is empty or was cut off, when ``require_obeyed`` and an answer disobeys, or when it is longer
+    than the fine-tune's ``max_length`` (truncation would cut the only answer with loss). Returns the records and
+    the drop counts (``empty_or_cut``: an empty answer, or with ``require_finished`` one without EOS)."""
+    kept, dropped = [], {"empty_or_cut": 0, "disobeyed": 0, "too_long": 0}
+    for i, d in enumerate(doc["dialogues"]):
+        if not all(a.strip() for a in d["answers"]) or (config.require_finished and not all(d["finished"])):
+            dropped["empty_or_cut"] += 1
+            continue
+        if config.require_obeyed and not all(d["obeyed"]):
+            dropped["disobeyed"] += 1
+            continue
+        msgs = dialogue_messages(d["turns"], d["answers"], Instruction.from_dict(d["instruction"]).text)
+        if len(encode_dialog(tokenizer, msgs).input_ids) > config.sft.max_length:
+            dropped["too_long"] += 1
+            continue
+        kept.append({"id": f"gatt-{i + 1:06d}", "category": "gatt", "messages": msgs})
+    return kept, dropped
+
+
+def summarize(doc: dict, kept: list[dict], dropped: dict) -> dict:
+    """Sampled adherence by turn (inst in every user turn), dialogue and turn counts."""
+    dialogues = doc["dialogues"]
+    most = max(len(d["turns"]) for d in dialogues)
+    by_turn = []
+    for t in range(most):
+        obeyed = [d["obeyed"][t] for d in dialogues if len(d["obeyed"]) > t]
+        by_turn.append(round(sum(obeyed) / len(obeyed), 4) if obeyed else None)
+    answers = [o for d in dialogues for o in d["obeyed"]]
+    return {"dialogues": len(dialogues), "turns_sampled": len(answers),
+            "sampled_adherence": round(sum(answers) / len(answers), 4),
+            "sampled_adherence_by_turn": by_turn, "kept": len(kept),
+            "mean_turns_kept": round(sum(len(r["messages"]) // 2 for r in kept) / max(1, len(kept)), 3),
+            **{f"dropped_{k}": v for k, v in dropped.items()}}
+
+
+@stage("gatt")
+def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutput:
+    """Sample GAtt dialogues from the policy, then fine-tune it on their last turns with inst as system prompt."""
+    if config.min_turns > config.max_turns:
+        raise InputError(f"gatt: min_turns ({config.min_turns}) is above max_turns ({config.max_turns})")
+    samples_path = run.out_dir / SAMPLES_FILE
+    doc = json.loads(samples_path.read_text()) if samples_path.exists() else None
+    reused = doc is not None and doc.get("sampling") == _sampling_key(config) and doc.get("policy") == inputs.policy
+    if not reused:
+        doc = sample_dialogues(config, inputs, run)
+        if dist.is_main():
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(samples_path, doc)
+    run.provenance["resumed_from"] = str(samples_path) if reused else None
+    kept, dropped = training_records(doc, config, load_tokenizer(inputs.policy))
+    metrics = summarize(doc, kept, dropped)
+    if not kept:
+        raise InputError("gatt kept no dialogue: every one had an empty, cut-off or (require_obeyed) disobeying "
+                         "answer, or was longer than sft.max_length")
+    data_path = run.out_dir / DATA_FILE
+    if dist.is_main():
+        write_jsonl(kept, data_path)
+        atomic_write_json(run.out_dir / "samples.json", kept[: config.num_samples])
+    dist.barrier()
+
+    sft = run_sft(config.sft, SFTInputs(base=inputs.policy, data=str(data_path), tokenizer=inputs.policy),
+                  run.out_dir / SFT_DIR, run.progress)
+    metrics.update({f"sft_{k}": v for k, v in sft.metrics.items()
+                    if k in ("train_loss_first", "train_loss_last", "val_loss", "train_examples")})
+    artifacts = {"samples": "samples.json"}
+    if dist.is_main():
+        _link_tree(Path(sft.final), run.out_dir / FINAL_DIR)
+        if "curves" in sft.artifacts:
+            artifacts["sft_curves"] = f"{SFT_DIR}/{sft.artifacts['curves']}"
+    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=sft.steps, artifacts=artifacts)

@@ -1,0 +1,67 @@
+"""Context distillation, GAtt and the multi-turn evaluation through the rlhf-pipeline flow on demo-micro: the
+stages run after PPO in the paper's order, each writes what it promises, and the report compares them with the
+policy they started from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_path):
+    import torch
+
+    from flows.pipeline import rlhf_pipeline
+    from llama2_align.chat import B_SYS
+    from llama2_align.data import read_records
+    from llama2_align.pipeline import PipelineConfig
+
+    torch.set_num_threads(1)
+    cfg = PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="post", gatt=True,
+                         context_distillation=True,
+                         overrides={"context_distillation.compare_untargeted": True, "sft.max_steps": 10,
+                                    "reward_helpfulness.max_steps": 2, "reward_safety.max_steps": 2,
+                                    "ppo.iterations": 1})
+    state = rlhf_pipeline(config=cfg, return_state=True)
+    assert state.is_completed(), state.message
+    run = tmp_path / "post"
+    report = json.loads((run / "report.json").read_text())
+    assert {"ppo", "context-distillation", "gatt", "eval", "adherence"} <= set(report["stages"])
+
+    def started_from(stage):
+        return json.loads((run / stage / "result.json").read_text())["inputs"]["policy"]["path"]
+
+    assert started_from("context-distillation") == str((run / "ppo" / "final").resolve())  # the paper's order
+    assert started_from("gatt") == str((run / "context-distillation" / "final").resolve())
+    assert report["final"] == "gatt" and set(report["eval"]) == {"sft", "ppo", "cd", "cd-untargeted", "gatt"}
+
+    # the demo data carried the extra demonstrations, with their own tokenizer
+    sft = read_records(run / "data" / "sft_extended.jsonl", "sft")
+    assert {r.category for r in sft} >= {"instruction", "dialogue", "safety-preprompt"}
+    assert (run / "tokenizer+dialogues+preprompts").is_dir()
+
+    # context distillation: the targeted set is the filtered one, the untargeted comparison trained beside it
+    cd = report["stages"]["context-distillation"]["metrics"]
+    assert cd["filter"] == "targeted" and cd["sft_train_examples"] <= cd["kept_targeted"] <= cd["kept_untargeted"]
+    assert (run / "context-distillation" / "untargeted" / "sft" / "final").is_dir()
+    for rec in read_records(run / "context-distillation" / "cd.jsonl", "sft"):
+        assert [m.role for m in rec.messages] == ["user", "assistant"]  # trained without the preprompt
+
+    # GAtt: inst as the system prompt of the first turn only
+    for rec in read_records(run / "gatt" / "gatt.jsonl", "sft"):
+        assert rec.messages[0].role == "system"
+        assert not any(B_SYS.strip() in m.content for m in rec.messages[1:])
+    assert (run / "gatt" / "final" / "model.safetensors").exists()
+
+    # the report: each stage against the policy it started from; adherence by turn with the plot
+    assert {k: v["vs"] for k, v in report["added_stages"].items()} == {"cd": "ppo", "cd-untargeted": "ppo",
+                                                                        "gatt": "cd"}
+    mt = report["multiturn"]
+    assert mt["baseline"] == "cd" and mt["order"] == ["sft", "ppo", "cd", "gatt"]
+    assert all(len(mt["checkpoints"][n]["adherence_by_turn"]) == 3 for n in mt["order"])
+    assert "adherence_late" in mt["checkpoints"]["gatt"]["ci"]
+    md = (run / "report.md").read_text()
+    assert "## Multi-turn adherence" in md and "## Stages after RLHF" in md and "adherence/adherence.png" in md
