@@ -3,7 +3,8 @@
     round 0: data -> tokenizer -> SFT -> {helpfulness RM, safety RM}          (the pipeline's own stages and cache)
     round r: prompts -> collect pairs from the last promoted policy -> annotate (simulated, or people: the run waits)
              -> RM accuracy on the round's test pairs (before) -> retrain both RMs on all pairs so far, warm-started
-             -> RM accuracy (after) -> rs | ppo | rs+ppo -> eval (vs the last promoted policy and SFT) -> gate
+             -> RM accuracy (after) -> rs | ppo | rs+ppo -> [context distillation] -> [GAtt]
+             -> eval (vs the last promoted policy and SFT) -> gate
              -> rounds report
 
 Rounds are not subflows: one flow run, so a deployment's run can suspend while people label (a subflow cannot) and
@@ -16,6 +17,7 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.annotation import human_labels
+from flows.post_rlhf import after_rlhf
 from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
 from llama2_align import rounds as lib
 from llama2_align.stages.collect import CollectInputs
@@ -98,6 +100,8 @@ def run_round(plan: lib.ResolvedRounds, r: int, start: lib.Start, sft: str, data
         policy = stages.run("ppo", ppo_task, cfg.ppo, PPOInputs(policy=policy, reward_helpfulness=rm_h,
                                                                 reward_safety=rm_s, prompts=data["prompts"]),
                             stages.dir("ppo"))["final"]
+    added = after_rlhf(stages, policy, data["prompts"], rm_s)  # context distillation, GAtt: when enabled
+    policy = [v for k, v in {"policy": policy, **added}.items() if k != "cd-untargeted"][-1]
     previous = {"previous": start.policy} if start.round else {}
     ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(
         checkpoints={"sft": sft, **previous, "candidate": policy}, baseline="previous" if previous else "sft",
