@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import _env
+from tests.integration.helpers import _env
 
 from llama2_align.pipeline import preset_config
 

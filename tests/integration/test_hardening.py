@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import _env, _servers_of
+from tests.integration.helpers import _env, _servers_of
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import _env, _servers_of
+from tests.integration.helpers import _env, _servers_of
 
 pytestmark = pytest.mark.slow
 

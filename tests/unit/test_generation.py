@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from reference_decoding import generate_ids_dynamic
+from tests.unit.reference_decoding import generate_ids_dynamic
 
 from llama2_align.generation import decode_steps, generate_ids
 from llama2_align.model import LoraSettings, build_model, merge_lora
