@@ -63,6 +63,21 @@ def _validation_message(err, config_file: Path | None) -> str:
     return where + ":\n  " + "\n  ".join(lines)
 
 
+def _start_local_api():
+    """Prefect's settings for a command-line flow run, then the local API server (when no API URL is set), started
+    while torch imports; returns ``flows.local_api``."""
+    # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
+    # 20 s wait for its embedded server on a first run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Run logs go to the API at INFO (the UI's Logs tab); the console keeps to warnings: a line per stage is printed.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from flows import local_api
+
+    local_api.start_early()
+    return local_api
+
+
 TrackingOption = Annotated[Optional[list[str]], typer.Option(
     "--tracking", help="Track the run in mlflow and/or tensorboard (repeatable; needs the [tracking] extra).")]
 TrackingUriOption = Annotated[Optional[str], typer.Option(
@@ -110,15 +125,7 @@ def run(
         _, resolved = _preflight(config, set_, given, check_inputs=False)
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
         return
-    # A new PREFECT_HOME's SQLite database takes 15-20 s to migrate on a small machine: more than Prefect's default
-    # 20 s wait for its embedded server on a first run.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Run logs go to the API at INFO (the UI's Logs tab); the console keeps to warnings: a line per stage is printed.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    from flows import local_api
-
-    local_api.start_early()  # the local API server (when no API URL is set) starts while torch imports
+    local_api = _start_local_api()
     try:
         pipeline_config, resolved = _preflight(config, set_, given)
     except typer.Exit:
@@ -299,12 +306,7 @@ def sweep(
                                "trials": [{"name": t.run_name, "run_dir": str(Path(t.runs_root) / t.run_name),
                                            "overrides": t.overrides} for t in trials]}, indent=2))
         return
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    from flows import local_api
-
-    local_api.start_early()
+    local_api = _start_local_api()
     from flows.sweep import rlhf_sweep
     from llama2_align.sweep import table_rows
 
@@ -395,12 +397,7 @@ def rounds(
     if print_config:
         typer.echo(json.dumps(plan.model_dump(mode="json"), indent=2))
         return
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
-    from flows import local_api
-
-    local_api.start_early()
+    local_api = _start_local_api()
     from flows.common import StageFailed
     from flows.rounds import rlhf_rounds
     from llama2_align.rounds_report import round_rows, staleness_rows, text_table

@@ -20,7 +20,6 @@ Stage directory: ``cd_samples.json`` (every generation and score; reused on a re
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -186,15 +185,8 @@ def _fine_tune(config: ContextDistillationConfig, inputs: ContextDistillationInp
 def run_context_distillation(config: ContextDistillationConfig, inputs: ContextDistillationInputs, run: StageRun
                              ) -> StageOutput:
     """Distil the policy's answers under a safety preprompt into the policy without it (targeted by default)."""
-    samples_path = run.out_dir / SAMPLES_FILE
-    doc = json.loads(samples_path.read_text()) if samples_path.exists() else None
-    reused = doc is not None and doc.get("sampling") == _sampling_key(config) and doc.get("policy") == inputs.policy
-    if not reused:
-        doc = generate_pairs(config, inputs)
-        if dist.is_main():
-            run.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(samples_path, doc)
-    run.provenance["resumed_from"] = str(samples_path) if reused else None
+    doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
+                      and d.get("policy") == inputs.policy, lambda: generate_pairs(config, inputs))
     rows = doc["rows"]
     metrics = summarize(rows, config.targeted, config.require_finished)
     run.report(0, 1, metrics)

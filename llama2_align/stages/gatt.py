@@ -16,7 +16,6 @@ sampling settings, so a crash during fine-tuning never re-samples), ``gatt.jsonl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -190,15 +189,8 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
     """Sample GAtt dialogues from the policy, then fine-tune it on their last turns with inst as system prompt."""
     if config.min_turns > config.max_turns:
         raise InputError(f"gatt: min_turns ({config.min_turns}) is above max_turns ({config.max_turns})")
-    samples_path = run.out_dir / SAMPLES_FILE
-    doc = json.loads(samples_path.read_text()) if samples_path.exists() else None
-    reused = doc is not None and doc.get("sampling") == _sampling_key(config) and doc.get("policy") == inputs.policy
-    if not reused:
-        doc = sample_dialogues(config, inputs, run)
-        if dist.is_main():
-            run.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(samples_path, doc)
-    run.provenance["resumed_from"] = str(samples_path) if reused else None
+    doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
+                      and d.get("policy") == inputs.policy, lambda: sample_dialogues(config, inputs, run))
     kept, dropped = training_records(doc, config, load_tokenizer(inputs.policy))
     metrics = summarize(doc, kept, dropped)
     if not kept:

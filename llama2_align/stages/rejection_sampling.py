@@ -15,7 +15,6 @@ samples), ``reward_distribution.png``, ``result.json`` (last).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -170,15 +169,8 @@ def _link_tree(src: Path, dst: Path) -> None:
 @stage("rejection-sampling")
 def run_rejection_sampling(config: RejectionSamplingConfig, inputs: RSInputs, run: StageRun) -> StageOutput:
     """Sample K responses per prompt, keep the best by the combined reward, fine-tune the policy on the kept ones."""
-    samples_path = run.out_dir / SAMPLES_FILE
-    doc = json.loads(samples_path.read_text()) if samples_path.exists() else None
-    reused = doc is not None and doc.get("sampling") == _sampling_key(config)
-    if not reused:
-        doc = sample_and_score(config, inputs)
-        if dist.is_main():
-            run.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(samples_path, doc)
-    run.provenance["resumed_from"] = str(samples_path) if reused else None
+    doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config),
+                      lambda: sample_and_score(config, inputs))
     metrics = summarize_samples(doc)
     run.report(0, 1, metrics)
 
