@@ -65,15 +65,30 @@ def test_qlora_sft_trains_a_4bit_base_and_the_adapter_reloads(qlora_sft):
     assert (q - f).abs().max() < 0.5 * f.abs().max()
 
 
-def test_qlora_resume_continues_from_the_checkpoint(qlora_sft):
-    """The checkpoint the Trainer wrote holds the adapter over the 4-bit base: it reloads 4-bit too."""
-    from llama2_align.model import build_model, is_quantized
+def test_qlora_resume_continues_from_the_checkpoint(qlora_sft, tmp_path, demo_world_dir, tokenizer_dir):
+    """Killed after step 8 (its newer checkpoint and final model gone), the QLoRA SFT resumes from the step-8 DCP
+    checkpoint over a 4-bit base and ends where the uninterrupted run ended: the same losses at steps 9-16."""
+    import shutil
 
-    out, _ = qlora_sft
-    ckpt = out / "checkpoint-16"
-    assert (ckpt / "adapter_config.json").exists()
-    assert is_quantized(build_model(ckpt, "policy", dtype="fp32", device="cpu",
-                                    quantize="nf4"))
+    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft
+
+    out, first = qlora_sft
+    assert (out / "checkpoint-8" / "models" / ".metadata").is_file()  # the adapters and optimizer, as DCP
+    killed = tmp_path / "sft"
+    shutil.copytree(out, killed, ignore=shutil.ignore_patterns("checkpoint-16", "final", "merged", "result.json"))
+    cfg = SFTConfig.model_validate(json.loads((out / "result.json").read_text())["config"])
+    resumed = run_sft(cfg, SFTInputs(base="micro", data=str(demo_world_dir / "sft.jsonl"),
+                                     tokenizer=str(tokenizer_dir)), killed)
+    assert resumed.provenance["resumed_from"].endswith("checkpoint-8")
+    assert resumed.steps == first.steps == 16
+
+    def losses(d):
+        return {r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    before, after = losses(out), losses(killed)
+    assert sorted(k for k in after if k > 8) == list(range(9, 17))
+    assert all(abs(after[k] - before[k]) < 1e-3 for k in range(9, 17)), (before, after)
 
 
 def test_qlora_ppo_policy_and_value_on_4bit_bases(tmp_path, demo_world_dir, sft_dir, rm_dirs):
