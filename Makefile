@@ -45,7 +45,7 @@ demo: install
 	$(PY) -m flows.cli run --preset demo-tiny
 
 test: install-llamacpp lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-quick: install lint
 	$(PY) -m pytest -q -m "not slow"
