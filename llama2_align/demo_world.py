@@ -821,12 +821,12 @@ def _preference_records(sampler: _Sampler, n_help: int, n_safe: int, rng: random
     return out
 
 
-def _ppo_records(sampler: _Sampler, n: int, rng: random.Random) -> list[dict]:
+def _ppo_records(sampler: _Sampler, n: int, rng: random.Random, prefix: str = "ppo") -> list[dict]:
     out = []
     for i in range(n):
         category = _pick(PPO_MIX, rng)
         p = sampler.draw(category, rng)
-        out.append({"id": f"ppo-{i + 1:06d}", "prompt": p.text, "is_safety": category == "adversarial",
+        out.append({"id": f"{prefix}-{i + 1:06d}", "prompt": p.text, "is_safety": category == "adversarial",
                     "category": category})
     return out
 
@@ -899,12 +899,5 @@ def round_prompts(round_index: int, n: int, seed: int = 0, sizes: DemoSizes = De
     world's (the split depends on both)."""
     if round_index < 1 or n < 1:
         raise ValueError(f"round_prompts: expected round_index >= 1 and n >= 1, got {round_index} and {n}")
-    sampler = _Sampler(_train_pools(seed, sizes))
-    rng = _rng(seed, f"round-{round_index}")
-    out = []
-    for i in range(n):
-        category = _pick(PPO_MIX, rng)
-        p = sampler.draw(category, rng)
-        out.append({"id": f"round{round_index}-{i + 1:06d}", "prompt": p.text, "is_safety": category == "adversarial",
-                    "category": category})
-    return out
+    return _ppo_records(_Sampler(_train_pools(seed, sizes)), n, _rng(seed, f"round-{round_index}"),
+                        prefix=f"round{round_index}")

@@ -29,3 +29,18 @@ def _env(home: Path, **extra) -> dict:
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PYTHONPATH=str(ROOT), **extra)
     return env
+
+
+def latest_artifact(key: str) -> str:
+    """The newest Prefect artifact with this key, read from the API the test's environment points at."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return sorted(found, key=lambda a: a.created)[-1].data
+
+    return asyncio.run(read())

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.integration.helpers import latest_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +27,6 @@ def _task_states(flow_run_id: str) -> dict[str, str]:
 
     return asyncio.run(read())
 
-
-def _artifact(key: str) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async def read():
-        async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            return sorted(found, key=lambda a: a.created)[-1].data
-
-    return asyncio.run(read())
 
 
 def test_beta_sweep_micro_shares_sft_and_reward_models(prefect_server, tmp_path):
@@ -79,7 +69,7 @@ def test_beta_sweep_micro_shares_sft_and_reward_models(prefect_server, tmp_path)
     md = (root / "sweep.md").read_text()
     assert md.startswith("# Sweep `beta` (grid, 2 trials, preset demo-micro)")
     assert all(t["name"] in md for t in trials) and "## Pareto fronts" in md and "## Time" in md
-    assert "data:image/png;base64," in _artifact("rlhf-sweep")
+    assert "data:image/png;base64," in latest_artifact("rlhf-sweep")
 
     # the shared stages ran once: in the first trial; the second one's tasks were served from the cache
     first, second = (_task_states(t["flow_run_id"]) for t in trials)

@@ -4,7 +4,6 @@ TensorBoard event files through TensorBoard's own reader."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tests.integration.helpers import latest_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -74,17 +74,6 @@ def mlflow_server(tmp_path_factory):
     finally:
         server.stop()
 
-
-def _summary_artifact(key: str) -> str:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async def read():
-        async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-            return sorted(found, key=lambda a: a.created)[-1].data
-
-    return asyncio.run(read())
 
 
 def test_pipeline_tracked_in_mlflow_server_and_tensorboard(mlflow_server, prefect_server, tmp_path):
@@ -147,7 +136,7 @@ def test_pipeline_tracked_in_mlflow_server_and_tensorboard(mlflow_server, prefec
     assert json.loads(Path(local).read_text())["eval"]["ppo"]["violation_rate"] == final["violation_rate"]
 
     # the Prefect summary artifact links the stage's MLflow run
-    assert f"{url}/#/experiments/{parent.info.experiment_id}/runs/{ppo_id}" in _summary_artifact(
+    assert f"{url}/#/experiments/{parent.info.experiment_id}/runs/{ppo_id}" in latest_artifact(
         "ppo-summary")
 
     # TensorBoard: event files in each stage directory, the same values per step
