@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
-from flows.post_rlhf import adherence, after_rlhf
+from flows.post_rlhf import adherence, after_rlhf, policies
 from llama2_align.io import run_lock
 from llama2_align.pipeline import PipelineConfig
 from llama2_align.preflight import preflight
@@ -67,7 +67,7 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                                 reward_safety=rm_s), stages.dir("eval"))
         adh = adherence(stages, checkpoints, data["eval"], rm_h)
 
-        final = [k for k in checkpoints if k != "cd-untargeted"][-1]
+        final = list(policies(checkpoints))[-1]
         if cfg.export.enabled:
             stages.run("export", export_task, cfg.export, ExportInputs(checkpoint=checkpoints[final]),
                        stages.dir("export"))

@@ -14,6 +14,15 @@ from tasks.context_distillation import context_distillation_task
 from tasks.gatt import gatt_task
 
 
+UNTARGETED = "cd-untargeted"  # a comparison checkpoint, never a policy the recipe goes on from
+
+
+def policies(checkpoints: dict[str, str]) -> dict[str, str]:
+    """The policy checkpoints in recipe order, without the untargeted context-distillation comparison; the last one
+    is the run's final policy."""
+    return {k: v for k, v in checkpoints.items() if k != UNTARGETED}
+
+
 def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, prefix: str = "") -> dict[str, str]:
     """Run the enabled post-RLHF stages from ``policy``; returns the new checkpoints, in order (``cd``, and
     ``cd-untargeted`` when compared, ``gatt``). ``prefix`` names a round's stage directories (``round-2/``)."""
@@ -24,7 +33,7 @@ def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, pr
                         stages.dir(f"{prefix}context-distillation"))
         out["cd"] = policy = cd["final"]
         if cd["metrics"].get("untargeted_final"):
-            out["cd-untargeted"] = cd["metrics"]["untargeted_final"]
+            out[UNTARGETED] = cd["metrics"]["untargeted_final"]
     if cfg.gatt.enabled:
         gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt, GAttInputs(policy=policy, prompts=prompts),
                           stages.dir(f"{prefix}gatt"))
@@ -39,9 +48,9 @@ def adherence(stages: Stages, checkpoints: dict[str, str], eval_prompts: str, re
     cfg = stages.cfg
     if not (cfg.gatt.enabled or cfg.adherence.enabled):
         return None
-    policies = {k: v for k, v in checkpoints.items() if k != "cd-untargeted"}
-    names = list(policies)
+    kept = policies(checkpoints)
+    names = list(kept)
     baseline = names[names.index("gatt") - 1] if "gatt" in names and len(names) > 1 else names[0]
     return stages.run(f"{prefix}adherence", adherence_task, cfg.adherence,
-                      AdherenceInputs(checkpoints=policies, baseline=baseline, prompts=eval_prompts,
+                      AdherenceInputs(checkpoints=kept, baseline=baseline, prompts=eval_prompts,
                                       reward_helpfulness=reward_helpfulness), stages.dir(f"{prefix}adherence"))

@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.annotation import human_labels
-from flows.post_rlhf import after_rlhf
+from flows.post_rlhf import after_rlhf, policies
 from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
 from llama2_align import rounds as lib
 from llama2_align.stages.collect import CollectInputs
@@ -101,7 +101,7 @@ def run_round(plan: lib.ResolvedRounds, r: int, start: lib.Start, sft: str, data
                                                                 reward_safety=rm_s, prompts=data["prompts"]),
                             stages.dir("ppo"))["final"]
     added = after_rlhf(stages, policy, data["prompts"], rm_s)  # context distillation, GAtt: when enabled
-    policy = [v for k, v in {"policy": policy, **added}.items() if k != "cd-untargeted"][-1]
+    policy = list(policies({"policy": policy, **added}).values())[-1]
     previous = {"previous": start.policy} if start.round else {}
     ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(
         checkpoints={"sft": sft, **previous, "candidate": policy}, baseline="previous" if previous else "sft",
