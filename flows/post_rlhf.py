@@ -23,7 +23,8 @@ def policies(checkpoints: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in checkpoints.items() if k != UNTARGETED}
 
 
-def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, prefix: str = "") -> dict[str, str]:
+def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, reward_helpfulness: str,
+               prefix: str = "") -> dict[str, str]:
     """Run the enabled post-RLHF stages from ``policy``; returns the new checkpoints, in order (``cd``, and
     ``cd-untargeted`` when compared, ``gatt``). ``prefix`` names a round's stage directories (``round-2/``)."""
     cfg, out = stages.cfg, {}
@@ -35,7 +36,8 @@ def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, pr
         if cd["metrics"].get("untargeted_final"):
             out[UNTARGETED] = cd["metrics"]["untargeted_final"]
     if cfg.gatt.enabled:
-        gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt, GAttInputs(policy=policy, prompts=prompts),
+        gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt, GAttInputs(policy=policy, prompts=prompts,
+                                                                        reward_helpfulness=reward_helpfulness),
                           stages.dir(f"{prefix}gatt"))
         out["gatt"] = gatt["final"]
     return out

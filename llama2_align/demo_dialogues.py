@@ -5,7 +5,8 @@ prompt ever appears here), its answers and its oracle, whose judgement of any an
 
 * **Extra SFT demonstrations** (:func:`extra_sft_records`), appended to the world's SFT set, which stays as it is:
   - ``instruction``: one turn under a checkable system instruction (``multiturn``: a sign-off, a first word, a word
-    to avoid; one or two of them, half the time shortened; ``DEMO_CONSTRAINT_KINDS``) whose answer obeys it, so the
+    to avoid; one or two of them, half the time shortened; ``DEMO_CONSTRAINT_KINDS``, one value each:
+    ``DEMO_CONSTRAINT_VALUES``) whose answer obeys it, so the
     SFT model follows an instruction in the first turn;
   - ``dialogue``: multi-turn dialogues (2 to 8 questions of the world's task families, ~10% with a generic system
     prompt), so the model answers the last question of a long context. None of them carries a checkable
@@ -35,6 +36,11 @@ from .preprompts import all_preprompt_texts, safety_preprompt
 #: answer is spelt letter by letter, and the 1M-parameter model, taught on a few hundred such answers, wrote garbage
 #: in capitals (measured: turn-1 adherence 0.64, the answer wrong nearly every time). ``multiturn`` still checks it.
 DEMO_CONSTRAINT_KINDS = ("signoff", "start_word", "avoid_word")
+#: One value per kind. The 1M-parameter model does not copy a value from the instruction: with three start words
+#: it began with one of the three at random (measured: turn-1 adherence 0.28 for start_word, 0.47 over all
+#: instructions, after PPO); with one value per kind turn-1 adherence is 0.81. Instructions still combine kinds at
+#: random and are shortened half the time; ``multiturn`` checks any value.
+DEMO_CONSTRAINT_VALUES = {"signoff": ["Have a nice day!"], "start_word": ["Great"], "avoid_word": ["is"]}
 #: Extra SFT demonstrations, as shares of the world's SFT size (``DemoSizes.sft``).
 SFT_INSTRUCTION_SHARE = 0.20
 SFT_DIALOGUE_SHARE = 0.10
@@ -109,7 +115,7 @@ def _instruction_records(sampler: dw._Sampler, n: int, rng: random.Random) -> li
     out = []
     while len(out) < n:
         p = sampler.draw(dw._pick(INSTRUCTION_MIX, rng), rng)
-        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS)
+        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
         if not satisfiable(inst, p.text):
             continue
         out.append({"id": f"sft-inst-{len(out) + 1:06d}", "category": "instruction",

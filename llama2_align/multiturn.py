@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 from .errors import InputError
 
@@ -143,15 +143,18 @@ class Instruction:
 
 
 def sample_instruction(rng: random.Random, max_constraints: int = 2, short_rate: float = 0.5,
-                       kinds: Sequence[str] = CONSTRAINT_KINDS) -> Instruction:
-    """A random instruction: 1..``max_constraints`` constraints of different kinds with random values, shortened
-    with probability ``short_rate`` (the paper: half the time)."""
+                       kinds: Sequence[str] = CONSTRAINT_KINDS,
+                       values: Mapping[str, Sequence[str]] | None = None) -> Instruction:
+    """A random instruction: 1..``max_constraints`` constraints of different kinds with random values (``values``
+    narrows a kind's values to some of :data:`VALUES`), shortened with probability ``short_rate`` (the paper: half
+    the time)."""
     unknown = sorted(set(kinds) - set(CONSTRAINT_KINDS))
     if unknown or not kinds:
         raise InputError(f"constraint kinds: expected some of {', '.join(CONSTRAINT_KINDS)}, got {list(kinds)}")
+    table = constraint_values(values)
     n = rng.randint(1, min(max_constraints, len(kinds)))
     chosen = rng.sample(list(kinds), n)
-    constraints = tuple(Constraint(k, rng.choice(VALUES[k])) for k in CONSTRAINT_KINDS if k in chosen)  # fixed order
+    constraints = tuple(Constraint(k, rng.choice(table[k])) for k in CONSTRAINT_KINDS if k in chosen)  # fixed order
     return Instruction(constraints, short=rng.random() < short_rate)
 
 
@@ -159,17 +162,35 @@ VALUES: dict[str, tuple[str | None, ...]] = {"signoff": SIGNOFFS, "capitals": (N
                                               "avoid_word": AVOID_WORDS}
 
 
-def all_instructions(max_constraints: int = 2, kinds: Sequence[str] = CONSTRAINT_KINDS) -> list[Instruction]:
+def constraint_values(values: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple[str | None, ...]]:
+    """:data:`VALUES` with some kinds narrowed to a non-empty subset of their values (a small model that cannot copy
+    a value from the instruction can still learn one value per kind: the demo's instructions do that)."""
+    table = dict(VALUES)
+    for kind, chosen in (values or {}).items():
+        allowed = VALUES.get(kind)
+        if allowed is None or kind == "capitals":
+            raise InputError(f"constraint values: {kind!r} has no values to choose; expected one of signoff, "
+                             f"start_word, avoid_word")
+        bad = [v for v in chosen if v not in allowed]
+        if bad or not chosen:
+            raise InputError(f"constraint values for {kind}: expected some of {list(allowed)}, got {list(chosen)}")
+        table[kind] = tuple(dict.fromkeys(chosen))
+    return table
+
+
+def all_instructions(max_constraints: int = 2, kinds: Sequence[str] = CONSTRAINT_KINDS,
+                     values: Mapping[str, Sequence[str]] | None = None) -> list[Instruction]:
     """Every instruction :func:`sample_instruction` can draw with these settings (both wordings)."""
     from itertools import combinations, product
 
+    table = constraint_values(values)
     order = [k for k in CONSTRAINT_KINDS if k in kinds]
     out = []
     for n in range(1, min(max_constraints, len(order)) + 1):
         for chosen in combinations(order, n):
-            for values in product(*(VALUES[k] for k in chosen)):
+            for combo in product(*(table[k] for k in chosen)):
                 for short in (False, True):
-                    out.append(Instruction(tuple(Constraint(k, v) for k, v in zip(chosen, values)), short))
+                    out.append(Instruction(tuple(Constraint(k, v) for k, v in zip(chosen, combo)), short))
     return out
 
 
@@ -182,7 +203,8 @@ def with_instruction(user: str, inst: str, template: str) -> str:
 def make_dialogues(prompts: Sequence[str], n: int, min_turns: int, max_turns: int, seed: int,
                    max_constraints: int = 2, short_rate: float = 0.5,
                    satisfiable: Callable[[Instruction, str], bool] | None = None,
-                   tries: int = 50, kinds: Sequence[str] = CONSTRAINT_KINDS) -> list[dict]:
+                   tries: int = 50, kinds: Sequence[str] = CONSTRAINT_KINDS,
+                   values: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
     """``n`` dialogues ``{"turns": [prompt, ...], "instruction": Instruction.to_dict()}``: each a random number of
     turns in ``[min_turns, max_turns]``, every turn a prompt drawn from ``prompts`` (no prompt twice in a dialogue
     when there are enough), and a random instruction (of the constraint ``kinds``) that ``satisfiable(instruction,
@@ -198,7 +220,7 @@ def make_dialogues(prompts: Sequence[str], n: int, min_turns: int, max_turns: in
         k = rng.randint(min_turns, max_turns)
         turns = rng.sample(list(prompts), k) if len(prompts) >= k else [rng.choice(prompts) for _ in range(k)]
         for _ in range(tries):
-            inst = sample_instruction(rng, max_constraints, short_rate, kinds)
+            inst = sample_instruction(rng, max_constraints, short_rate, kinds, values)
             if satisfiable is None or all(satisfiable(inst, t) for t in turns):
                 out.append({"turns": turns, "instruction": inst.to_dict()})
                 break

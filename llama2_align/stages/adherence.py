@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..data import read_records
 from ..errors import ConfigError, InputError
 from ..generation import GenerationSettings
 from ..io import atomic_write_json
 from ..model import build_model, freeze
-from ..multiturn import CONSTRAINT_KINDS, Instruction, make_dialogues
+from ..multiturn import CONSTRAINT_KINDS, Instruction, constraint_values, make_dialogues
 from ..stats import paired_bootstrap
 from ..tokenizer import load_tokenizer
 from .common import StageOutput, StageRun, stage
@@ -46,6 +46,15 @@ class AdherenceConfig(BaseModel):
     short_rate: float = Field(0.5, ge=0, le=1)
     constraint_kinds: list[Literal["signoff", "capitals", "start_word", "avoid_word"]] = Field(
         default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1, description="the constraints instructions draw")
+    constraint_values: dict[Literal["signoff", "start_word", "avoid_word"], list[str]] = Field(
+        default_factory=dict, description="narrow a kind's values to some of multiturn.VALUES (the demo: one each)")
+
+    @field_validator("constraint_values")
+    @classmethod
+    def _known_values(cls, values: dict) -> dict:
+        constraint_values(values)  # an InputError (a ValueError) for a value multiturn does not have
+        return values
+
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -75,7 +84,7 @@ def eval_dialogues(config: AdherenceConfig, prompts_path: str) -> tuple[list[dic
         raise InputError(f"{prompts_path}: the multi-turn evaluation needs non-adversarial prompts, found none")
     dialogues = make_dialogues(list(records), config.dialogues, config.turns, config.turns, config.seed,
                                config.max_constraints, config.short_rate, satisfiable=satisfiable,
-                               kinds=config.constraint_kinds)
+                               kinds=config.constraint_kinds, values=config.constraint_values)
     return dialogues, records
 
 

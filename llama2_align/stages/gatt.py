@@ -4,10 +4,15 @@
             give each an instruction ``inst`` (``multiturn``: checkable constraints combined at random, half the time
             shortened);
 2. sample   every assistant turn from the latest policy with ``inst`` concatenated to every user turn
-            (``concat_template``), turn by turn, so each answer sees the earlier sampled answers;
+            (``concat_template``), turn by turn, so each answer sees the earlier sampled answers; with
+            ``samples_per_turn`` k > 1, k answers per turn and the dialogue goes on with the obeying one the
+            helpfulness RM scores highest (best of k: a small policy's answers late in a dialogue are mostly wrong,
+            and GAtt would teach them);
 3. rebuild  the dialogue with ``inst`` only in the first turn, as the system prompt of the Llama 2 format;
 4. train    with zero loss on every token of the earlier turns (earlier answers included) and full loss on the last
-            answer: the SFT stage with ``loss_on="last_answer"`` (``<out_dir>/sft``, which resumes by itself).
+            answer: the SFT stage with ``loss_on="last_answer"`` (``<out_dir>/sft``, which resumes by itself). By
+            default (``train_on="every_turn"``) every sampled turn is the last turn of one example, the dialogue cut
+            after it, so late turns are trained as often as they were sampled.
 
 Stage directory: ``gatt_samples.json`` (every dialogue with its sampled answers; reused on a re-run with the same
 sampling settings, so a crash during fine-tuning never re-samples), ``gatt.jsonl`` (the training dialogues),
@@ -19,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import dist
 from ..chat import encode_dialog
@@ -28,7 +33,7 @@ from ..errors import InputError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
 from ..model import build_model, freeze
-from ..multiturn import CONSTRAINT_KINDS, Instruction, make_dialogues, with_instruction
+from ..multiturn import CONSTRAINT_KINDS, Instruction, constraint_values, make_dialogues, with_instruction
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, StageOutput, StageRun, stage
 from .rejection_sampling import _link_tree
@@ -57,13 +62,30 @@ class GAttConfig(BaseModel):
     short_rate: float = Field(0.5, ge=0, le=1, description="share of instructions shortened (paper: half)")
     constraint_kinds: list[Literal["signoff", "capitals", "start_word", "avoid_word"]] = Field(
         default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1, description="the constraints instructions draw")
+    constraint_values: dict[Literal["signoff", "start_word", "avoid_word"], list[str]] = Field(
+        default_factory=dict, description="narrow a kind's values to some of multiturn.VALUES (the demo: one each)")
+
+    @field_validator("constraint_values")
+    @classmethod
+    def _known_values(cls, values: dict) -> dict:
+        constraint_values(values)  # an InputError (a ValueError) for a value multiturn does not have
+        return values
+
     concat_template: str = Field(SYSTEM_BLOCK_TEMPLATE, description="how inst is concatenated to a user turn while "
                                                                     "sampling ({inst}, {user})")
-    require_obeyed: bool = Field(False, description="keep only dialogues whose every sampled answer obeys inst")
-    require_finished: bool = Field(True, description="keep only dialogues whose every answer ended with EOS")
+    train_on: Literal["every_turn", "last_turn"] = Field(
+        "every_turn", description="every_turn: each sampled turn is the last (and only trained) turn of one example, "
+                                  "the dialogue cut after it; last_turn: one example per dialogue, its last turn")
+    require_obeyed: bool = Field(False, description="keep only examples whose trained answer obeys inst (last_turn: "
+                                                    "whose every sampled answer obeys)")
+    require_finished: bool = Field(True, description="keep only examples whose every answer ended with EOS")
+    samples_per_turn: int = Field(1, ge=1, description="answers sampled per turn; with more than one, the turn keeps "
+                                                        "the obeying, finished answer the helpfulness RM scores "
+                                                        "highest (best of k, as rejection sampling)")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
+    score_batch_size: int = Field(64, ge=1)
     generation_batch_size: int = Field(64, ge=1)
     num_samples: int = Field(4, ge=0, description="training dialogues written to samples.json")
     dtype: str = "auto"
@@ -76,6 +98,7 @@ class GAttInputs(BaseModel):
 
     policy: str  # the latest policy (after a round of RLHF)
     prompts: str  # kind "prompts": the dialogues' questions are its non-safety prompts
+    reward_helpfulness: str | None = None  # needed when samples_per_turn > 1
 
 
 def dialogue_messages(turns: Sequence[str], answers: Sequence[str], inst: str | None, template: str | None = None
@@ -92,21 +115,26 @@ def dialogue_messages(turns: Sequence[str], answers: Sequence[str], inst: str | 
 
 
 def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: GenerationSettings,
-                   template: str | None = None, progress=None) -> list[dict]:
+                   template: str | None = None, progress=None, samples_per_turn: int = 1, choose=None) -> list[dict]:
     """Answer every turn of every dialogue with ``model``, turn by turn (each answer sees the earlier ones).
     ``dialogues``: ``{"turns": [...], "instruction": {...}}``; the instruction is the system prompt, or with a
-    ``template`` is concatenated to every user turn. Returns ``{"answers": [...], "finished": [...]}`` per
-    dialogue."""
+    ``template`` is concatenated to every user turn. With ``samples_per_turn`` k > 1, each turn samples k answers and
+    ``choose(dialogue, turn, texts, finished)`` returns the index of the one the dialogue goes on with. Returns
+    ``{"answers": [...], "finished": [...]}`` per dialogue."""
     out = [{"answers": [], "finished": []} for _ in dialogues]
     insts = [Instruction.from_dict(d["instruction"]).text if d.get("instruction") else None for d in dialogues]
     most = max(len(d["turns"]) for d in dialogues)
+    k = samples_per_turn
     for t in range(most):
         live = [i for i, d in enumerate(dialogues) if len(d["turns"]) > t]
-        prompts = [dialogue_messages(dialogues[i]["turns"], out[i]["answers"], insts[i], template) for i in live]
+        prompts = [dialogue_messages(dialogues[i]["turns"], out[i]["answers"], insts[i], template)
+                   for i in live for _ in range(k)]
         gens = generate(model, tokenizer, prompts, settings.model_copy(update={"seed": settings.seed + t}))
-        for i, text, done in zip(live, gens.texts, gens.finished):
-            out[i]["answers"].append(text)
-            out[i]["finished"].append(bool(done))
+        for n, i in enumerate(live):
+            texts, done = gens.texts[n * k:(n + 1) * k], gens.finished[n * k:(n + 1) * k]
+            pick = choose(dialogues[i], t, texts, done) if k > 1 else 0
+            out[i]["answers"].append(texts[pick])
+            out[i]["finished"].append(bool(done[pick]))
         if progress is not None:
             progress(t + 1, most)
     return out
@@ -114,8 +142,9 @@ def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: Genera
 
 def _sampling_key(config: GAttConfig) -> dict:
     return config.model_dump(include={"dialogues", "min_turns", "max_turns", "max_constraints", "short_rate",
-                                      "constraint_kinds",
-                                      "concat_template", "temperature", "top_p", "max_new_tokens", "seed"})
+                                      "constraint_kinds", "constraint_values",
+                                      "concat_template", "samples_per_turn", "temperature", "top_p",
+                                      "max_new_tokens", "seed"})
 
 
 def build_dialogues(config: GAttConfig, prompts_path: str) -> list[dict]:
@@ -129,42 +158,76 @@ def build_dialogues(config: GAttConfig, prompts_path: str) -> list[dict]:
         raise InputError(f"{prompts_path}: GAtt needs single-turn prompts with is_safety false, found none")
     return make_dialogues(texts, config.dialogues, config.min_turns, config.max_turns, config.seed,
                           config.max_constraints, config.short_rate, satisfiable=satisfiable,
-                          kinds=config.constraint_kinds)
+                          kinds=config.constraint_kinds, values=config.constraint_values)
+
+
+def best_of(inst: Instruction, texts: Sequence[str], finished: Sequence[bool], scores: Sequence[float]) -> int:
+    """The answer a turn goes on with: the highest-scored among the finished, non-empty answers that obey ``inst``;
+    failing that among the finished, non-empty ones; failing that among all."""
+    for ok in (lambda j: finished[j] and texts[j].strip() and inst.holds(texts[j]),
+               lambda j: finished[j] and texts[j].strip(), lambda j: True):
+        pool = [j for j in range(len(texts)) if ok(j)]
+        if pool:
+            return max(pool, key=lambda j: scores[j])
+    raise AssertionError("unreachable")
 
 
 def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> dict:
-    """Steps 1-2: build the dialogues and sample every answer with inst in every user turn."""
+    """Steps 1-2: build the dialogues and sample every answer with inst in every user turn (best of
+    ``samples_per_turn`` by the helpfulness RM, the question alone as its context, when more than one)."""
     dialogues = build_dialogues(config, inputs.prompts)
     tokenizer = load_tokenizer(inputs.policy)
     policy = freeze(build_model(inputs.policy, "policy", dtype=config.dtype, seed=config.seed))
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, batch_size=config.generation_batch_size, seed=config.seed)
+    choose = None
+    if config.samples_per_turn > 1:
+        from .reward import RewardScorer
+
+        scorer = RewardScorer(inputs.reward_helpfulness, batch_size=config.score_batch_size)
+
+        def choose(d: dict, t: int, texts: Sequence[str], finished: Sequence[bool]) -> int:
+            scores = scorer.score([d["turns"][t]] * len(texts), list(texts)).tolist()
+            return best_of(Instruction.from_dict(d["instruction"]), texts, finished, scores)
+
     rolled = roll_dialogues(policy, tokenizer, dialogues, settings, template=config.concat_template,
-                            progress=lambda t, n: run.report(t, n, {"sampling_turn": t}))
+                            progress=lambda t, n: run.report(t, n, {"sampling_turn": t}),
+                            samples_per_turn=config.samples_per_turn, choose=choose)
     for d, r in zip(dialogues, rolled):
         d.update(r)
         d["obeyed"] = [Instruction.from_dict(d["instruction"]).holds(a) for a in r["answers"]]
-    return {"sampling": _sampling_key(config), "policy": inputs.policy, "dialogues": dialogues}
+    return {"sampling": _sampling_key(config), "policy": inputs.policy,
+            "reward_helpfulness": inputs.reward_helpfulness if config.samples_per_turn > 1 else None,
+            "dialogues": dialogues}
 
 
 def training_records(doc: dict, config: GAttConfig, tokenizer) -> tuple[list[dict], dict]:
-    """Step 3: each usable dialogue with inst as the system prompt of its first turn only. A dialogue is dropped
-    when an answer is empty or was cut off, when ``require_obeyed`` and an answer disobeys, or when it is longer
-    than the fine-tune's ``max_length`` (truncation would cut the only answer with loss). Returns the records and
-    the drop counts (``empty_or_cut``: an empty answer, or with ``require_finished`` one without EOS)."""
+    """Step 3: training examples with inst as the system prompt of their first turn only, and loss on their last
+    answer alone. ``train_on="every_turn"``: every sampled turn gives one example, the dialogue cut after it (the
+    earlier answers, obeying or not, are context with zero loss), so turn 8 is trained as often as it was sampled;
+    ``"last_turn"``: one example per dialogue. An example is dropped when an answer in it is empty or (with
+    ``require_finished``) was cut off, when ``require_obeyed`` and its trained answer disobeys (``last_turn``: any
+    answer), or when it is longer than the fine-tune's ``max_length`` (truncation would cut the only answer with
+    loss). Returns the examples and the drop counts."""
     kept, dropped = [], {"empty_or_cut": 0, "disobeyed": 0, "too_long": 0}
     for i, d in enumerate(doc["dialogues"]):
-        if not all(a.strip() for a in d["answers"]) or (config.require_finished and not all(d["finished"])):
-            dropped["empty_or_cut"] += 1
-            continue
-        if config.require_obeyed and not all(d["obeyed"]):
-            dropped["disobeyed"] += 1
-            continue
-        msgs = dialogue_messages(d["turns"], d["answers"], Instruction.from_dict(d["instruction"]).text)
-        if len(encode_dialog(tokenizer, msgs).input_ids) > config.sft.max_length:
-            dropped["too_long"] += 1
-            continue
-        kept.append({"id": f"gatt-{i + 1:06d}", "category": "gatt", "messages": msgs})
+        inst = Instruction.from_dict(d["instruction"]).text
+        n = len(d["answers"])
+        ends = range(1, n + 1) if config.train_on == "every_turn" else [n]
+        for end in ends:
+            answers, finished = d["answers"][:end], d["finished"][:end]
+            if not all(a.strip() for a in answers) or (config.require_finished and not all(finished)):
+                dropped["empty_or_cut"] += 1
+                continue
+            obeyed = d["obeyed"][end - 1:end] if config.train_on == "every_turn" else d["obeyed"][:end]
+            if config.require_obeyed and not all(obeyed):
+                dropped["disobeyed"] += 1
+                continue
+            msgs = dialogue_messages(d["turns"][:end], answers, inst)
+            if len(encode_dialog(tokenizer, msgs).input_ids) > config.sft.max_length:
+                dropped["too_long"] += 1
+                continue
+            kept.append({"id": f"gatt-{i + 1:06d}-{end}", "category": "gatt", "messages": msgs})
     return kept, dropped
 
 
@@ -181,6 +244,7 @@ def summarize(doc: dict, kept: list[dict], dropped: dict) -> dict:
             "sampled_adherence": round(sum(answers) / len(answers), 4),
             "sampled_adherence_by_turn": by_turn, "kept": len(kept),
             "mean_turns_kept": round(sum(len(r["messages"]) // 2 for r in kept) / max(1, len(kept)), 3),
+            "kept_by_turn": [sum(1 for r in kept if len(r["messages"]) // 2 == t + 1) for t in range(most)],
             **{f"dropped_{k}": v for k, v in dropped.items()}}
 
 
@@ -189,8 +253,13 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
     """Sample GAtt dialogues from the policy, then fine-tune it on their last turns with inst as system prompt."""
     if config.min_turns > config.max_turns:
         raise InputError(f"gatt: min_turns ({config.min_turns}) is above max_turns ({config.max_turns})")
+    if config.samples_per_turn > 1 and not inputs.reward_helpfulness:
+        raise InputError(f"gatt: samples_per_turn {config.samples_per_turn} picks the best answer by the helpfulness "
+                         f"reward model, and none was given")
+    rm = inputs.reward_helpfulness if config.samples_per_turn > 1 else None
     doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
-                      and d.get("policy") == inputs.policy, lambda: sample_dialogues(config, inputs, run))
+                      and d.get("policy") == inputs.policy and d.get("reward_helpfulness") == rm,
+                      lambda: sample_dialogues(config, inputs, run))
     kept, dropped = training_records(doc, config, load_tokenizer(inputs.policy))
     metrics = summarize(doc, kept, dropped)
     if not kept:

@@ -82,6 +82,24 @@ def test_sampled_instructions_combine_kinds_at_random_and_are_shortened_half_the
                                                                         for _ in range(3)]
 
 
+def test_constraint_values_narrow_a_kind_and_refuse_values_multiturn_does_not_have():
+    one = {"start_word": ["Great"], "signoff": ["Take care!"]}
+    rng = random.Random(1)
+    insts = [sample_instruction(rng, values=one) for _ in range(300)]
+    drawn = {(c.kind, c.value) for i in insts for c in i.constraints}
+    assert {v for k, v in drawn if k == "start_word"} == {"Great"}
+    assert {v for k, v in drawn if k == "signoff"} == {"Take care!"}
+    assert {v for k, v in drawn if k == "avoid_word"} == {"is", "it"}  # not narrowed
+    assert set(insts) <= set(all_instructions(values=one)) and len(all_instructions(values=one)) < len(
+        all_instructions())
+    for bad in ({"start_word": ["Hello"]}, {"start_word": []}, {"capitals": ["x"]}):
+        with pytest.raises(InputError):
+            sample_instruction(rng, values=bad)
+    from llama2_align.stages.gatt import GAttConfig
+    with pytest.raises(ValueError, match="start_word"):  # a config error before anything runs
+        GAttConfig(constraint_values={"start_word": ["Hello"]})
+
+
 def test_make_dialogues_respects_turns_and_satisfiable_and_is_deterministic():
     prompts = [f"question {i}?" for i in range(30)]
     never_it = lambda inst, p: not any(c.kind == "avoid_word" for c in inst.constraints)  # noqa: E731
@@ -266,15 +284,32 @@ def test_training_records_drop_cut_off_disobeying_and_too_long_dialogues(tok):
     cut = dict(good, finished=[True, False, True])
     forgot = dict(good, answers=ANSWERS[:2] + ["A cow says moo."], obeyed=[True, True, False])
     doc = {"dialogues": [good, cut, forgot]}
-    kept, dropped = training_records(doc, GAttConfig(), tok)
+    # last_turn: one example per dialogue
+    last = GAttConfig(train_on="last_turn")
+    kept, dropped = training_records(doc, last, tok)
     assert len(kept) == 2 and dropped == {"empty_or_cut": 1, "disobeyed": 0, "too_long": 0}
-    assert kept[0]["messages"][0] == {"role": "system", "content": INST.text}
-    kept, dropped = training_records(doc, GAttConfig(require_obeyed=True), tok)
+    assert kept[0]["messages"][0] == {"role": "system", "content": INST.text} and len(kept[0]["messages"]) == 7
+    kept, dropped = training_records(doc, last.model_copy(update={"require_obeyed": True}), tok)
     assert len(kept) == 1 and dropped["disobeyed"] == 1
+    # every_turn (the default): each sampled turn ends one example; a cut-off answer drops the examples holding it
+    kept, dropped = training_records(doc, GAttConfig(), tok)
+    assert len(kept) == 3 + 1 + 3 and dropped == {"empty_or_cut": 2, "disobeyed": 0, "too_long": 0}
+    assert [len(r["messages"]) // 2 for r in kept] == [1, 2, 3, 1, 1, 2, 3]
+    second = kept[1]["messages"]  # the good dialogue cut after its second answer
+    assert second == [{"role": "system", "content": INST.text}, {"role": "user", "content": TURNS[0]},
+                      {"role": "assistant", "content": ANSWERS[0]}, {"role": "user", "content": TURNS[1]},
+                      {"role": "assistant", "content": ANSWERS[1]}]
+    assert sum(INST.text in m["content"] for r in kept for m in r["messages"]) == len(kept)  # first turn only
+    # require_obeyed judges the trained (last) answer only: the disobeying turn 3 goes, turns 1-2 stay
+    kept, dropped = training_records(doc, GAttConfig(require_obeyed=True), tok)
+    assert len(kept) == 6 and dropped["disobeyed"] == 1
+    assert kept[-1]["messages"][-1]["content"] == ANSWERS[1]
     kept, dropped = training_records(doc, GAttConfig.model_validate({"sft": {"max_length": 20}}), tok)
-    assert not kept and dropped["too_long"] == 2
+    assert not kept and dropped["too_long"] == 7
     m = summarize(doc, kept, dropped)
     assert m["sampled_adherence_by_turn"] == [1.0, 1.0, round(2 / 3, 4)] and m["kept"] == 0
+    kept, dropped = training_records(doc, GAttConfig(), tok)
+    assert summarize(doc, kept, dropped)["kept_by_turn"] == [3, 2, 2]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -296,3 +331,27 @@ def test_both_stages_are_off_by_default_and_switched_on_by_the_form_or_an_overri
     assert by_set.gatt.enabled and not by_set.data.demo_dialogues and not by_set.sft.group_by_length
     schema = PipelineConfig.model_json_schema()["properties"]
     assert {"gatt", "context_distillation"} <= set(schema)  # the Prefect form's switches
+
+
+def test_best_of_keeps_the_obeying_finished_answer_the_reward_model_prefers():
+    from llama2_align.stages.gatt import best_of
+
+    inst = Instruction((SIGNOFF,))
+    texts = ["A cow says moo.", "A cow says moo. Have a nice day!", "A cow says baa. Have a nice day!",
+             "A cow says moo. Have a nice day!"]
+    # the best obeying, finished answer, though a disobeying one scores higher
+    assert best_of(inst, texts, [True, True, True, True], [9.0, 1.0, 2.0, 0.5]) == 2
+    # a cut-off answer is passed over even when it obeys
+    assert best_of(inst, texts, [True, True, False, True], [9.0, 1.0, 2.0, 0.5]) == 1
+    # none obeys: the best finished answer; none finished: the best of all
+    assert best_of(inst, texts[:1] * 2, [True, True], [0.0, 3.0]) == 1
+    assert best_of(inst, ["", "x"], [False, False], [5.0, 1.0]) == 0
+
+
+def test_gatt_best_of_k_needs_the_helpfulness_reward_model(tmp_path):
+    from llama2_align.errors import InputError
+    from llama2_align.stages.gatt import GAttConfig, GAttInputs, run_gatt
+
+    with pytest.raises(InputError, match="helpfulness reward model"):
+        run_gatt(GAttConfig(samples_per_turn=4), GAttInputs(policy=str(tmp_path), prompts=str(tmp_path / "p.jsonl")),
+                 tmp_path / "gatt")
