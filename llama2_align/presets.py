@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .demo_dialogues import DEMO_CONSTRAINT_KINDS, DEMO_CONSTRAINT_VALUES
+
 LORA = {"enabled": True, "r": 16, "alpha": 32}
 
 
@@ -36,36 +38,48 @@ DEMO_REWARD = {
     "learning_rate": 1e-3, "weight_decay": 0.0, "epochs": 2.0, "batch_size": 32, "micro_batch_size": 32,
     "max_length": 128, "eval_steps": 50, "score_batch_size": 128,
 }
-# 90 iterations at lr 6e-5 with beta 0.05 (was 30 at 3e-5, beta 0.02): measured per seed on the baby/legs world in
-# bench/README.md ("Demo evidence"): more iterations buy helpfulness, the larger beta keeps malformed answers down.
+# 90 iterations at lr 6e-5 with beta 0.1 (was 30 at 3e-5, beta 0.02): measured per seed on the baby/legs world in
+# bench/README.md ("Demo evidence"): more iterations buy helpfulness, the larger beta keeps malformed answers down
+# (beta 0.05: malformed +2.7 points [+1.2, +4.2] on seed 1; 150 iterations: helpfulness +4.9 on seed 1).
 DEMO_PPO = {
     "iterations": 90, "prompts_per_iteration": 64, "mini_batch_size": 32, "micro_batch_size": 32, "ppo_epochs": 2,
-    "learning_rate": 6e-5, "value_learning_rate": 1e-4, "weight_decay": 0.0, "kl_beta": 0.05, "max_new_tokens": 24,
+    "learning_rate": 6e-5, "value_learning_rate": 1e-4, "weight_decay": 0.0, "kl_beta": 0.1, "max_new_tokens": 24,
     "sample_every": 10, "generation_batch_size": 64, "score_batch_size": 128,
 }
 DEMO_REJECTION_SAMPLING = {"max_new_tokens": 24, "generation_batch_size": 64, "score_batch_size": 128,
                            "num_samples": 4}
-# Sampled at temperature 1 (greedy would hide the unsafe minority SFT learned), 4 samples per prompt so a rate moves
-# by ~0.01 from noise rather than ~0.02.
-DEMO_EVAL = {"max_new_tokens": 24, "temperature": 1.0, "samples_per_prompt": 4, "batch_size": 128}
+# Sampled at temperature 1 (greedy would hide the unsafe minority SFT learned), 16 samples per prompt: with 4, the
+# same two checkpoints of seed 1 measured helpfulness +10.2 points, with 8 +3.9, with 16 +6.6 (bench/README.md): the
+# answers drawn, not the checkpoints, decided the verdict. 16 cost ~25 s per run instead of ~5 s.
+DEMO_EVAL = {"max_new_tokens": 24, "temperature": 1.0, "samples_per_prompt": 16, "batch_size": 128}
 # After RLHF, when switched on (gatt.enabled, context_distillation.enabled). SFT's max_length 512 holds the 8-turn
 # dialogues GAtt adds to the demo's SFT data (the single-turn records stay under 100 tokens: nothing else changes).
 DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch_size": 32, "micro_batch_size": 32,
                  "max_length": 512, "warmup_ratio": 0.05, "eval_steps": 50, "save_steps": 50,
                  "sample_max_new_tokens": 24, "num_samples": 4, "progress_bar": False}
-# The demo's instructions leave capital letters out (llama2_align/demo_dialogues.py says why).
-DEMO_KINDS = ["signoff", "start_word", "avoid_word"]
-DEMO_GATT = {"dialogues": 384, "max_new_tokens": 24, "generation_batch_size": 128, "constraint_kinds": DEMO_KINDS}
+# The demo's instructions leave capital letters out and draw one value per kind (llama2_align/demo_dialogues.py says
+# why).
+DEMO_KINDS = list(DEMO_CONSTRAINT_KINDS)
+DEMO_VALUES = DEMO_CONSTRAINT_VALUES
+DEMO_GATT = {"dialogues": 384, "max_new_tokens": 24, "generation_batch_size": 128, "constraint_kinds": DEMO_KINDS,
+             "constraint_values": DEMO_VALUES, "samples_per_turn": 4, "require_obeyed": True,
+             "score_batch_size": 128}
 DEMO_CONTEXT_DISTILLATION = {"samples_per_prompt": 2, "max_new_tokens": 24, "generation_batch_size": 128,
                              "score_batch_size": 128}
 DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 24, "batch_size": 128, "score_batch_size": 128,
-                  "constraint_kinds": DEMO_KINDS}
+                  "constraint_kinds": DEMO_KINDS, "constraint_values": DEMO_VALUES}
 
 DEMO = {
     **section("sft", DEMO_SFT),
     **both_reward_models(DEMO_REWARD),
-    # the helpfulness RM: 6 epochs at lr 5e-4 (2 at 1e-3 reached ~80% on significantly-better pairs; 6 reach 89-91%)
+    # the helpfulness RM: 6 epochs at lr 5e-4 (2 at 1e-3 reached ~80% on significantly-better pairs; 6 reach 89-91%),
+    # with a quarter as many safety pairs as helpfulness pairs (the paper: as many). With as many, the safety pairs
+    # (refusal over compliance) outvote the helpfulness annotators' mild preference for compliance on adversarial
+    # prompts: 8-11% on those negligibly-better pairs, 40-48% on all of them (below chance). With a quarter:
+    # 52-65% on negligibly-better and 90-92% on significantly-better pairs, seeds 0-2. PPO scores adversarial prompts
+    # with the safety RM (Llama 2's reward switch), so the helpfulness RM's view of them does not steer it there.
     "reward_helpfulness.epochs": 6.0, "reward_helpfulness.learning_rate": 5e-4,
+    "reward_helpfulness.safety_pairs_per_helpfulness_pair": 0.25,
     **section("rejection_sampling", DEMO_REJECTION_SAMPLING),
     **section("rejection_sampling.sft", DEMO_SFT),
     **section("ppo", DEMO_PPO),
