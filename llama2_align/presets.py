@@ -132,7 +132,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                           "num_samples": 3}),
         **section("eval", {"max_new_tokens": 12, "samples_per_prompt": 1, "max_prompts": 30}),
         # the micro model rarely ends an answer with EOS: keep what it writes
-        **section("gatt", {"dialogues": 16, "max_turns": 3, "max_new_tokens": 12, "require_finished": False}),
+        **section("gatt", {"dialogues": 16, "max_turns": 3, "max_new_tokens": 12, "require_finished": False,
+                           "require_obeyed": False, "samples_per_turn": 2}),
         **section("context_distillation", {"samples_per_prompt": 1, "max_prompts": 16, "max_new_tokens": 12,
                                            "require_finished": False}),
         **{f"{s}.sft.{k}": v for s in ("gatt", "context_distillation")

@@ -16,25 +16,24 @@ judgement), ``adherence.png`` (adherence and helpfulness against the turn, per c
 
 from __future__ import annotations
 
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import read_records
 from ..errors import ConfigError, InputError
 from ..generation import GenerationSettings
 from ..io import atomic_write_json
 from ..model import build_model, freeze
-from ..multiturn import CONSTRAINT_KINDS, Instruction, constraint_values, make_dialogues
+from ..multiturn import Instruction, make_dialogues
 from ..stats import paired_bootstrap
 from ..tokenizer import load_tokenizer
 from .common import StageOutput, StageRun, stage
-from .gatt import dialogue_messages, roll_dialogues
+from .gatt import InstructionSettings, dialogue_messages, roll_dialogues
 
 PLOT_FILE = "adherence.png"
 
 
-class AdherenceConfig(BaseModel):
+class AdherenceConfig(InstructionSettings):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(False, description="run the multi-turn evaluation (it also runs whenever gatt is enabled)")
@@ -42,19 +41,6 @@ class AdherenceConfig(BaseModel):
     turns: int = Field(8, ge=1, description="assistant turns per dialogue (the paper's Table 30 goes to 20)")
     late_turn: int = Field(6, ge=1, description="'late' adherence pools this turn and the ones after it")
     samples_per_dialogue: int = Field(1, ge=1)
-    max_constraints: int = Field(2, ge=1)
-    short_rate: float = Field(0.5, ge=0, le=1)
-    constraint_kinds: list[Literal["signoff", "capitals", "start_word", "avoid_word"]] = Field(
-        default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1, description="the constraints instructions draw")
-    constraint_values: dict[Literal["signoff", "start_word", "avoid_word"], list[str]] = Field(
-        default_factory=dict, description="narrow a kind's values to some of multiturn.VALUES (the demo: one each)")
-
-    @field_validator("constraint_values")
-    @classmethod
-    def _known_values(cls, values: dict) -> dict:
-        constraint_values(values)  # an InputError (a ValueError) for a value multiturn does not have
-        return values
-
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)

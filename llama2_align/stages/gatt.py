@@ -51,13 +51,11 @@ def _sft_default() -> SFTConfig:
     return SFTConfig(loss_on="last_answer", epochs=1.0)
 
 
-class GAttConfig(BaseModel):
+class InstructionSettings(BaseModel):
+    """How instructions are drawn (``multiturn``): shared by GAtt and the multi-turn adherence evaluation."""
+
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(False, description="run Ghost Attention in the pipeline (after RLHF)")
-    dialogues: int = Field(512, ge=1, description="synthetic dialogues to sample")
-    min_turns: int = Field(1, ge=1)
-    max_turns: int = Field(8, ge=1)
     max_constraints: int = Field(2, ge=1, description="constraints combined into one instruction (at most)")
     short_rate: float = Field(0.5, ge=0, le=1, description="share of instructions shortened (paper: half)")
     constraint_kinds: list[Literal["signoff", "capitals", "start_word", "avoid_word"]] = Field(
@@ -71,6 +69,13 @@ class GAttConfig(BaseModel):
         constraint_values(values)  # an InputError (a ValueError) for a value multiturn does not have
         return values
 
+
+class GAttConfig(InstructionSettings):
+
+    enabled: bool = Field(False, description="run Ghost Attention in the pipeline (after RLHF)")
+    dialogues: int = Field(512, ge=1, description="synthetic dialogues to sample")
+    min_turns: int = Field(1, ge=1)
+    max_turns: int = Field(8, ge=1)
     concat_template: str = Field(SYSTEM_BLOCK_TEMPLATE, description="how inst is concatenated to a user turn while "
                                                                     "sampling ({inst}, {user})")
     train_on: Literal["every_turn", "last_turn"] = Field(

@@ -55,6 +55,12 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
         assert rec.messages[0].role == "system"
         assert not any(B_SYS.strip() in m.content for m in rec.messages[1:])
     assert (run / "gatt" / "final" / "model.safetensors").exists()
+    # every sampled turn ends one training example; each turn was the best of 2 by the helpfulness RM
+    g = json.loads((run / "gatt" / "result.json").read_text())["metrics"]
+    assert g["kept"] == sum(g["kept_by_turn"]) and g["kept"] + sum(v for k, v in g.items()
+                                                                   if k.startswith("dropped_")) == g["turns_sampled"]
+    samples = json.loads((run / "gatt" / "gatt_samples.json").read_text())
+    assert samples["reward_helpfulness"].endswith("reward-helpfulness/final")
 
     # the report: each stage against the policy it started from; adherence by turn with the plot
     assert {k: v["vs"] for k, v in report["added_stages"].items()} == {"cd": "ppo", "cd-untargeted": "ppo",
