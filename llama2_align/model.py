@@ -251,6 +251,9 @@ def _load_base(source: str | Path, role: str, dtype: torch.dtype, vocab_size: in
         # A scalar head initialised from a causal LM has a new `score` and no `lm_head`; that is the point.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
+        # the new score head is initialised from torch's global generator: seed it, or the reward and value
+        # models start from a different head in every process (and whatever ran before in this one)
+        torch.manual_seed(seed)
         try:
             return cls.from_pretrained(source, config=config, dtype=dtype, attn_implementation=attn_implementation)
         finally:

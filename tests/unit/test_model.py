@@ -399,3 +399,14 @@ def test_qlora_base_is_4bit_and_only_adapters_train():
     out = model(input_ids=torch.tensor([[1, 5, 9, 2]]))
     out.logits.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+@pytest.mark.parametrize("role", ["reward", "value"])
+def test_a_new_scalar_head_on_a_saved_policy_depends_on_the_seed_only(role, policy_dir):
+    # the score head a reward or value model gets on top of an SFT checkpoint: the same for a seed, whatever ran
+    # before in the process (it was drawn from torch's unseeded global generator: a different RM every run)
+    a = build_model(policy_dir, role, seed=3).score.weight.detach().clone()
+    torch.rand(1000)
+    b = build_model(policy_dir, role, seed=3).score.weight.detach().clone()
+    c = build_model(policy_dir, role, seed=4).score.weight.detach().clone()
+    assert torch.equal(a, b) and not torch.equal(a, c)
