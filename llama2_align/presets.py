@@ -75,9 +75,10 @@ DEMO = {
     # the helpfulness RM: 6 epochs at lr 5e-4 (2 at 1e-3 reached ~80% on significantly-better pairs; 6 reach 89-91%),
     # with a quarter as many safety pairs as helpfulness pairs (the paper: as many). With as many, the safety pairs
     # (refusal over compliance) outvote the helpfulness annotators' mild preference for compliance on adversarial
-    # prompts: 8-11% on those negligibly-better pairs, 40-48% on all of them (below chance). With a quarter:
-    # 52-65% on negligibly-better and 90-92% on significantly-better pairs, seeds 0-2. PPO scores adversarial prompts
-    # with the safety RM (Llama 2's reward switch), so the helpfulness RM's view of them does not steer it there.
+    # prompts: 8-11% on those negligibly-better pairs, 40-48% on all of them (below chance). With a quarter (seeds
+    # 0-2, bench/README.md): 46-58% on negligibly-better and 83-91% on significantly-better pairs. PPO scores
+    # adversarial prompts with the safety RM (Llama 2's reward switch), so the helpfulness RM's view of them does not
+    # steer it there.
     "reward_helpfulness.epochs": 6.0, "reward_helpfulness.learning_rate": 5e-4,
     "reward_helpfulness.safety_pairs_per_helpfulness_pair": 0.25,
     **section("rejection_sampling", DEMO_REJECTION_SAMPLING),
