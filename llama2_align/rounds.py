@@ -132,9 +132,10 @@ class RoundsConfig(BaseModel):
 #: What differs for rounds >= 1, per pipeline preset (data, like presets.py): keys as in ``round_overrides``.
 #: Warm-started reward models take one epoch over all pairs so far (the paper's one epoch); the demo's rejection
 #: sampling fine-tunes the promoted policy gently on a seeded subset of the prompts, sampled at temperature 0.7
-#: (measured, rs, rs, rs+ppo on seed 0: at temperature 1.0 and lr 1e-3 round 1 lost 3.9 points of helpfulness and
-#: the last round ended +0.1 [-6.8, +6.8] points above SFT; at 0.7 and lr 3e-4 each rs round gained 4-5 points and the
-#: last ended +11.2 [+6.5, +16.1]: the tiny policy's samples at temperature 1 carry broken words the tiny RM misses).
+#: (seen on seed 0 with rs, rs, rs+ppo, before the RM/value heads were seeded: at temperature 1.0 and lr 1e-3 round 1
+#: lost 3.9 points of helpfulness and the last round ended +0.1 [-6.8, +6.8] points above SFT; at 0.7 and lr 3e-4
+#: each rs round gained 4-5 points and the last ended +11.2 [+6.5, +16.1]: the tiny policy's samples at temperature 1
+#: carry broken words the tiny RM misses).
 _DEMO_ROUNDS = {
     "collect.max_new_tokens": 24, "collect.generation_batch_size": 64,
     "reward_helpfulness.epochs": 1.0, "reward_safety.epochs": 1.0,
@@ -145,8 +146,8 @@ _DEMO_ROUNDS = {
 _GPU_ROUNDS = {"collect.max_new_tokens": 512, "collect.generation_batch_size": 32}
 ROUND_PRESETS: dict[str, dict[str, Any]] = {
     # 2,048 prompts a round (was 512): ~200 helpfulness test pairs a round instead of 50-60, and four times the new
-    # pairs for the RMs (seed 0, rs, rs, rs+ppo: the last round +20.8 [+17.7, +24.2] points of helpfulness over SFT
-    # instead of +11.2; 4 min 32 s for three rounds instead of 4 min 24 s)
+    # pairs for the RMs (seed 0, rs, rs, rs+ppo, heads unseeded then: the last round +20.8 [+17.7, +24.2] points of
+    # helpfulness over SFT instead of +11.2; with seeded heads, +17.9 [+14.1, +21.6]; ~4.5 min for three rounds)
     "demo-tiny": {"prompts_per_round": 2048, **_DEMO_ROUNDS},
     "demo-micro": {"prompts_per_round": 24, **_DEMO_ROUNDS, "collect.max_new_tokens": 12,
                    "rejection_sampling.max_prompts": 16, "rejection_sampling.k": 2},
