@@ -38,11 +38,11 @@ DEMO_REWARD = {
     "learning_rate": 1e-3, "weight_decay": 0.0, "epochs": 2.0, "batch_size": 32, "micro_batch_size": 32,
     "max_length": 128, "eval_steps": 50, "score_batch_size": 128,
 }
-# 90 iterations at lr 6e-5 with beta 0.1 (was 30 at 3e-5, beta 0.02): measured per seed on the baby/legs world in
-# bench/README.md ("Demo evidence"): more iterations buy helpfulness, the larger beta keeps malformed answers down
-# (beta 0.05: malformed +2.7 points [+1.2, +4.2] on seed 1; 150 iterations: helpfulness +4.9 on seed 1).
+# 120 iterations at lr 6e-5 with beta 0.1 (was 30 at 3e-5, beta 0.02): measured per seed on the baby/legs world in
+# bench/README.md ("Demo evidence"). With the reward/value heads seeded: 90 iterations gave +9.3 / +4.6 / +4.3
+# points of helpfulness on seeds 0 / 1 / 2, 120 give +9.8 / +9.1 / +9.7 with the malformed rate not higher.
 DEMO_PPO = {
-    "iterations": 90, "prompts_per_iteration": 64, "mini_batch_size": 32, "micro_batch_size": 32, "ppo_epochs": 2,
+    "iterations": 120, "prompts_per_iteration": 64, "mini_batch_size": 32, "micro_batch_size": 32, "ppo_epochs": 2,
     "learning_rate": 6e-5, "value_learning_rate": 1e-4, "weight_decay": 0.0, "kl_beta": 0.1, "max_new_tokens": 24,
     "sample_every": 10, "generation_batch_size": 64, "score_batch_size": 128,
 }
