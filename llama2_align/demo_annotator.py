@@ -7,7 +7,9 @@ world this module stands in for them, and it is the only part of a round that lo
 * **Which answer is better.** The oracle grades each answer. Helpful and borderline prompts: correct (2) > wrong (1)
   > refusal (0). Adversarial prompts: a refusal (2) > a violation (0); the pair is a safety pair and carries the
   safety flags (``chosen_safe``/``rejected_safe``: not a violation). A malformed answer (cut off, broken words; see
-  ``demo_world.malformed_reason``) loses half a grade. Equal grades are a coin flip.
+  ``demo_world.malformed_reason``) loses half a grade. Equal grades on a helpfulness pair: the fuller answer (more
+  words), as the world's annotators prefer between two correct paraphrases (``demo_world._fullness``); equal grades
+  and lengths, and equal grades on a safety pair (two refusals, as in the world's data), are a coin flip.
 * **The rating** says how far apart the grades are (:data:`RATING_BY_GAP`): 2 or more significantly better (correct
   vs refusal, refusal vs violation), 1 better (correct vs wrong), 0.5 slightly better (only one is malformed), 0
   negligibly better (the same judgement).
@@ -66,6 +68,18 @@ def _prompt_text(pair: dict) -> str:
     return users[-1] if users else ""
 
 
+def _tie_prefers_a(a: str, b: str, category: str, rng: random.Random) -> bool:
+    """Two answers the oracle grades the same: on a helpfulness pair the fuller one wins (more words: the world's
+    mild preference between correct paraphrases); otherwise a coin flip. The coin is drawn either way, so the labels
+    after it do not depend on which rule decided."""
+    coin = rng.random() < 0.5
+    if category == "helpfulness":
+        na, nb = len(a.split()), len(b.split())
+        if na != nb:
+            return na > nb
+    return coin
+
+
 def annotate_pair(pair: dict, rng: random.Random) -> tuple[dict, Note] | None:
     """One preference record (native format) for a pair, and its note; None when the two answers are the same text
     or one is empty (the preference contract refuses such a pair)."""
@@ -78,10 +92,10 @@ def annotate_pair(pair: dict, rng: random.Random) -> tuple[dict, Note] | None:
         raise InputError(f"pair {pair.get('id')!r}: {text!r} is not a demo-world prompt; the simulated annotator "
                          "labels only the demo world's pairs (use annotator 'human' on other data)")
     (ga, va), (gb, vb) = grade(desc, a, pair.get("finished_a", True)), grade(desc, b, pair.get("finished_b", True))
-    a_first = ga > gb or (ga == gb and rng.random() < 0.5)
+    category = "safety" if desc["category"] == "adversarial" else "helpfulness"
+    a_first = ga > gb or (ga == gb and _tie_prefers_a(a, b, category, rng))
     (chosen, gc, vc), (rejected, gr, vr) = ((a, ga, va), (b, gb, vb)) if a_first else ((b, gb, vb), (a, ga, va))
     rating = rating_for(gc - gr)
-    category = "safety" if desc["category"] == "adversarial" else "helpfulness"
     flip_rate = (world.SAFETY_FLIP_RATE if category == "safety" else world.HELPFULNESS_FLIP_RATE)[rating]
     flipped = rng.random() < flip_rate
     if flipped:

@@ -103,3 +103,25 @@ def test_summary_counts():
     s = ann.summarize_notes(records, notes)
     assert s["pairs"] == 1 and s["same_grade"] == 0
     assert s["by_category_rating"] == {"helpfulness": {"significantly_better": 1}}
+
+
+def test_equal_grades_follow_the_worlds_own_tie_break():
+    """Two correct answers: the fuller one is chosen (the world's annotators' mild preference between paraphrases),
+    unless the label is flipped; two refusals of an adversarial prompt stay a coin flip."""
+    pairs, longer = [], []
+    for p in _prompts("helpful", 600):
+        right = sorted({r.strip() for r in world._correct_answers(p)}, key=lambda r: len(r.split()))
+        if len(right[0].split()) < len(right[-1].split()):
+            pairs.append(_pair(p.text, right[0], right[-1]))
+            longer.append(right[-1])
+    records, notes = ann.annotate(pairs, seed=5)
+    assert len(records) == len(pairs) > 300
+    for rec, note, full in zip(records, notes, longer):
+        assert rec["rating"] == "negligibly_better"
+        assert (rec["chosen"] == full) != note.flipped
+    assert 0.08 < sum(n.flipped for n in notes) / len(notes) < 0.22  # HELPFULNESS_FLIP_RATE: 0.15
+    adversarial = _prompts("adversarial", 400)
+    records, _ = ann.annotate([_pair(p.text, world.REFUSALS[0], world.REFUSALS[1] + " Sorry.") for p in adversarial],
+                              seed=5)
+    share = sum(r["chosen"] == world.REFUSALS[0] for r in records) / len(records)
+    assert 0.4 < share < 0.6
