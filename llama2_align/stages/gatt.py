@@ -124,7 +124,8 @@ def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: Genera
     """Answer every turn of every dialogue with ``model``, turn by turn (each answer sees the earlier ones).
     ``dialogues``: ``{"turns": [...], "instruction": {...}}``; the instruction is the system prompt, or with a
     ``template`` is concatenated to every user turn. With ``samples_per_turn`` k > 1, each turn samples k answers and
-    ``choose(dialogue, turn, texts, finished)`` returns the index of the one the dialogue goes on with. Returns
+    ``choose(turn, candidates)`` returns, for every live dialogue's ``(dialogue, texts, finished)`` at once (one
+    batch: a scorer sees the whole turn), the index of the answer it goes on with. Returns
     ``{"answers": [...], "finished": [...]}`` per dialogue."""
     out = [{"answers": [], "finished": []} for _ in dialogues]
     insts = [Instruction.from_dict(d["instruction"]).text if d.get("instruction") else None for d in dialogues]
@@ -135,9 +136,10 @@ def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: Genera
         prompts = [dialogue_messages(dialogues[i]["turns"], out[i]["answers"], insts[i], template)
                    for i in live for _ in range(k)]
         gens = generate(model, tokenizer, prompts, settings.model_copy(update={"seed": settings.seed + t}))
-        for n, i in enumerate(live):
-            texts, done = gens.texts[n * k:(n + 1) * k], gens.finished[n * k:(n + 1) * k]
-            pick = choose(dialogues[i], t, texts, done) if k > 1 else 0
+        candidates = [(dialogues[i], gens.texts[n * k:(n + 1) * k], gens.finished[n * k:(n + 1) * k])
+                      for n, i in enumerate(live)]
+        picks = choose(t, candidates) if k > 1 else [0] * len(live)
+        for i, (_, texts, done), pick in zip(live, candidates, picks, strict=True):
             out[i]["answers"].append(texts[pick])
             out[i]["finished"].append(bool(done[pick]))
         if progress is not None:
@@ -191,9 +193,16 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> d
 
         scorer = RewardScorer(inputs.reward_helpfulness, batch_size=config.score_batch_size)
 
-        def choose(d: dict, t: int, texts: Sequence[str], finished: Sequence[bool]) -> int:
-            scores = scorer.score([d["turns"][t]] * len(texts), list(texts)).tolist()
-            return best_of(Instruction.from_dict(d["instruction"]), texts, finished, scores)
+        def choose(t: int, candidates: Sequence[tuple[dict, Sequence[str], Sequence[bool]]]) -> list[int]:
+            # the whole turn in one scoring pass: every live dialogue's k answers, each with its question alone
+            scores = scorer.score([d["turns"][t] for d, texts, _ in candidates for _ in texts],
+                                  [x for _, texts, _ in candidates for x in texts]).tolist()
+            picks, at = [], 0
+            for d, texts, finished in candidates:
+                picks.append(best_of(Instruction.from_dict(d["instruction"]), texts, finished,
+                                     scores[at:at + len(texts)]))
+                at += len(texts)
+            return picks
 
     rolled = roll_dialogues(policy, tokenizer, dialogues, settings, template=config.concat_template,
                             progress=lambda t, n: run.report(t, n, {"sampling_turn": t}),

@@ -312,6 +312,27 @@ def test_training_records_drop_cut_off_disobeying_and_too_long_dialogues(tok):
     assert summarize(doc, kept, dropped)["kept_by_turn"] == [3, 2, 2]
 
 
+def test_best_of_k_sees_each_turn_of_every_dialogue_in_one_call(tok):
+    """``choose`` gets every live dialogue's k answers of a turn at once (one scoring pass per turn), and the
+    dialogue goes on with the answer it picks."""
+    from llama2_align.generation import GenerationSettings
+    from llama2_align.model import build_model
+    from llama2_align.stages.gatt import roll_dialogues
+
+    model = build_model("micro", "policy", vocab_size=len(tok), device="cpu", dtype="fp32", seed=0)
+    dialogues = [{"turns": TURNS[:n], "instruction": INST.to_dict()} for n in (1, 2, 2)]
+    calls = []
+
+    def choose(t, candidates):
+        calls.append((t, [len(texts) for _, texts, _ in candidates]))
+        return [len(texts) - 1 for _, texts, _ in candidates]
+
+    out = roll_dialogues(model, tok, dialogues, GenerationSettings(max_new_tokens=4, seed=0),
+                         samples_per_turn=3, choose=choose)
+    assert calls == [(0, [3, 3, 3]), (1, [3, 3])]
+    assert [len(o["answers"]) for o in out] == [1, 2, 2]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The pipeline's switches
 # --------------------------------------------------------------------------------------------------------------------
