@@ -102,7 +102,7 @@ def prepare_data(stages: Stages) -> dict[str, str]:
     if cfg.data.source == "demo":
         paths = demo_data_task(cfg.upstream_dir(), seed=cfg.data.demo_seed, sizes=cfg.data.demo_sizes,
                                vocab_size=cfg.data.vocab_size, dialogues=bool(cfg.data.demo_dialogues),
-                               preprompts=bool(cfg.data.demo_preprompts))
+                               preprompts=bool(cfg.data.demo_preprompts), evasive=bool(cfg.data.demo_evasive_pairs))
     else:
         d = cfg.data
         paths = {"sft": d.sft, "preference": d.preferences, "prompts": d.prompts, "eval": d.eval,

@@ -55,6 +55,9 @@ class DataSettings(BaseModel):
                                                           "demonstrations (default: when gatt is enabled)")
     demo_preprompts: bool | None = Field(None, description="demo only: add safety-preprompt SFT demonstrations "
                                                            "(default: when context_distillation is enabled)")
+    demo_evasive_pairs: bool | None = Field(
+        None, description="demo only: safety pairs that reject an evasive answer (an answer to another question) to "
+                          "an adversarial prompt (default: when gatt or context_distillation is enabled)")
 
 
 class ResolvedPipeline(BaseModel):
@@ -213,6 +216,10 @@ def _resolve_post_rlhf(tree: dict) -> None:
         data["demo_dialogues"] = bool(tree["gatt"]["enabled"])
     if data.get("demo_preprompts") is None:
         data["demo_preprompts"] = bool(tree["context_distillation"]["enabled"])
+    if data.get("demo_evasive_pairs") is None:
+        # their SFT data teach the policy to answer off-topic, and without these pairs PPO hacked the safety RM with
+        # it (README, "What the demo shows with both stages on"); the default pipeline keeps the world as measured
+        data["demo_evasive_pairs"] = bool(tree["gatt"]["enabled"] or tree["context_distillation"]["enabled"])
     if tree["sft"].get("group_by_length") is None:
         tree["sft"]["group_by_length"] = data["source"] == "demo" and data["demo_dialogues"]
 

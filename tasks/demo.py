@@ -20,15 +20,19 @@ def demo_sizes(sizes: str) -> DemoSizes:
 
 @task(name="demo-data", task_run_name="demo-data", retries=RETRIES, retry_condition_fn=retry_transient)
 def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro"] = "default",
-                   vocab_size: int = 2048, dialogues: bool = False, preprompts: bool = False) -> dict[str, str]:
+                   vocab_size: int = 2048, dialogues: bool = False, preprompts: bool = False,
+                   evasive: bool = False) -> dict[str, str]:
     """Write the demo datasets and tokenizer under ``out_dir``; returns ``{"sft", "preference", "prompts", "eval",
     "tokenizer"}`` paths. Deterministic for a seed; the tokenizer is kept when it already exists.
 
     ``dialogues`` / ``preprompts`` (GAtt / context distillation): the SFT set is ``sft_extended.jsonl``, the world's
     demonstrations followed by the extra ones (``llama2_align.demo_dialogues``), and the tokenizer, trained on their
-    text too, lives in its own directory (``tokenizer+dialogues+preprompts``)."""
+    text too, lives in its own directory (``tokenizer+dialogues+preprompts``). ``evasive``: the preference pairs hold
+    the evasive safety pairs (``preferences+evasive.jsonl``); the tokenizer is the world's without them, the same
+    one either way."""
     logger = get_run_logger()
-    paths = {k: str(v) for k, v in write_demo_datasets(Path(out_dir) / "data", seed, demo_sizes(sizes)).items()}
+    paths = {k: str(v) for k, v in write_demo_datasets(Path(out_dir) / "data", seed, demo_sizes(sizes),
+                                                                    evasive).items()}
     extras = [name for name, on in (("dialogues", dialogues), ("preprompts", preprompts)) if on]
     extra: list[dict] = []
     if extras:

@@ -42,6 +42,10 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
     sft = read_records(run / "data" / "sft_extended.jsonl", "sft")
     assert {r.category for r in sft} >= {"instruction", "dialogue", "safety-preprompt"}
     assert (run / "tokenizer+dialogues+preprompts").is_dir()
+    # and both reward models learnt from the safety pairs with evasive answers (data.demo_evasive_pairs)
+    for rm in ("reward-helpfulness", "reward-safety"):
+        data = json.loads((run / rm / "result.json").read_text())["inputs"]["data"]["path"]
+        assert data == str((run / "data" / "preferences+evasive.jsonl").resolve())
 
     # context distillation: the targeted set is the filtered one, the untargeted comparison trained beside it
     cd = report["stages"]["context-distillation"]["metrics"]

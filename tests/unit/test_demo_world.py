@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from llama2_align import demo_world as dw
-from llama2_align.demo_world import DemoSizes, generate_demo_world, is_refusal, judge, write_demo_datasets
+from llama2_align.demo_world import (DemoSizes, _complies, generate_demo_world, is_refusal, judge, well_formed_texts,
+                                     write_demo_datasets)
 
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
 ROOT = Path(__file__).resolve().parents[2]
@@ -277,9 +278,16 @@ def test_sft_noise_rates(world):
     assert stats["helpful", "violation"] == stats["borderline", "violation"] == 0
 
 
-def test_preference_noise_and_ratings(world):
+@pytest.fixture(scope="module")
+def evasive_world():
+    return generate_demo_world(0, evasive=True)
+
+
+@pytest.mark.parametrize("which", ["world", "evasive_world"])
+def test_preference_noise_and_ratings(which, request):
+    world = request.getfixturevalue(which)
     help_flips, help_n = Counter(), Counter()
-    safe_flip = safe_n = 0
+    safe_flip = safe_n = evasive = 0
     adv_help = broken_n = broken_flips = 0
     for r in world.preferences:
         d = _describe(r["prompt"])
@@ -309,6 +317,9 @@ def test_preference_noise_and_ratings(world):
                 assert r["rating"] in ("significantly_better", "better")
                 safe_n += 1
                 safe_flip += jc.violation
+                unsafe = r["rejected"] if jr.violation else r["chosen"]
+                # an evasive answer: no refusal, no compliance, an answer of some other question of the world
+                evasive += not is_refusal(unsafe) and not _complies(unsafe) and unsafe in well_formed_texts()
             elif d["category"] == "adversarial":
                 assert jc.refusal and jr.refusal and r["rating"] == "negligibly_better"
             else:
@@ -317,6 +328,10 @@ def test_preference_noise_and_ratings(world):
     n_help = sum(help_n.values())
     assert 0.08 <= broken_n / 2000 <= 0.2 and broken_flips / broken_n < 0.08
     assert 0.07 <= adv_help / 2000 <= 0.13
+    if which == "world":
+        assert evasive == 0
+    else:  # EVASIVE_SAFETY_MIX["evasive"]: 0.08
+        assert 0.05 <= evasive / 2000 <= 0.11
     assert help_n["slightly_better"] > 50 and help_n["significantly_better"] > 100
     overall = sum(help_flips.values()) / n_help
     assert 0.01 <= overall <= 0.08, overall
@@ -518,3 +533,20 @@ def test_judge_reports_malformed_beside_an_unchanged_verdict():
 
 def test_describe_unknown_prompt():
     assert dw.describe_prompt("What is the meaning of life?") is None
+
+
+def test_evasive_pairs_change_the_safety_pairs_only(world, evasive_world, tmp_path):
+    """``evasive``: the same SFT, PPO and eval records, the same helpfulness pairs, and another preferences file
+    beside the default one."""
+    assert (evasive_world.sft, evasive_world.ppo_prompts, evasive_world.eval_prompts) == (
+        world.sft, world.ppo_prompts, world.eval_prompts)
+
+    def helpfulness(w):
+        return sorted((r["prompt"], r["chosen"], r["rejected"]) for r in w.preferences
+                      if r["category"] == "helpfulness")
+
+    assert helpfulness(evasive_world) == helpfulness(world)
+    assert evasive_world.preferences != world.preferences
+    paths = write_demo_datasets(tmp_path, 0, evasive=True)
+    assert paths["preference"].name == "preferences+evasive.jsonl"
+    assert write_demo_datasets(tmp_path, 0)["preference"].name == "preferences.jsonl"

@@ -343,9 +343,11 @@ def test_both_stages_are_off_by_default_and_switched_on_by_the_form_or_an_overri
     plain = resolve(PipelineConfig(preset="demo-tiny"))
     assert not plain.gatt.enabled and not plain.context_distillation.enabled and not plain.adherence.enabled
     assert (plain.data.demo_dialogues, plain.data.demo_preprompts, plain.sft.group_by_length) == (False, False, False)
+    assert plain.data.demo_evasive_pairs is False
     on = resolve(PipelineConfig(preset="demo-tiny", gatt=True, context_distillation=True))
     assert on.gatt.enabled and on.context_distillation.enabled
     assert (on.data.demo_dialogues, on.data.demo_preprompts, on.sft.group_by_length) == (True, True, True)
+    assert on.data.demo_evasive_pairs is True
     assert on.gatt.sft.loss_on == "last_answer" and on.context_distillation.sft.loss_on == "all_answers"
     by_set = resolve(PipelineConfig(preset="demo-tiny", overrides={"gatt.enabled": True,
                                                                    "data.demo_dialogues": False}))
