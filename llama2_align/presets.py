@@ -59,15 +59,13 @@ DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch
                  "sample_max_new_tokens": 24, "num_samples": 4, "progress_bar": False}
 # The demo's instructions leave capital letters out and draw one value per kind (llama2_align/demo_dialogues.py says
 # why).
-DEMO_KINDS = list(DEMO_CONSTRAINT_KINDS)
-DEMO_VALUES = DEMO_CONSTRAINT_VALUES
-DEMO_GATT = {"dialogues": 384, "max_new_tokens": 24, "generation_batch_size": 128, "constraint_kinds": DEMO_KINDS,
-             "constraint_values": DEMO_VALUES, "samples_per_turn": 4, "require_obeyed": True,
-             "score_batch_size": 128}
+DEMO_GATT = {"dialogues": 384, "max_new_tokens": 24, "generation_batch_size": 128,
+             "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES,
+             "samples_per_turn": 4, "require_obeyed": True, "score_batch_size": 128}
 DEMO_CONTEXT_DISTILLATION = {"samples_per_prompt": 2, "max_new_tokens": 24, "generation_batch_size": 128,
                              "score_batch_size": 128}
 DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 24, "batch_size": 128, "score_batch_size": 128,
-                  "constraint_kinds": DEMO_KINDS, "constraint_values": DEMO_VALUES}
+                  "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES}
 
 DEMO = {
     **section("sft", DEMO_SFT),

@@ -179,6 +179,11 @@ def best_of(inst: Instruction, texts: Sequence[str], finished: Sequence[bool], s
     raise AssertionError("unreachable")
 
 
+def picking_model(config: GAttConfig, inputs: GAttInputs) -> str | None:
+    """The helpfulness RM that picks the best of ``samples_per_turn`` answers; None with one answer a turn."""
+    return inputs.reward_helpfulness if config.samples_per_turn > 1 else None
+
+
 def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> dict:
     """Steps 1-2: build the dialogues and sample every answer with inst in every user turn (best of
     ``samples_per_turn`` by the helpfulness RM, the question alone as its context, when more than one)."""
@@ -188,10 +193,11 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> d
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, batch_size=config.generation_batch_size, seed=config.seed)
     choose = None
-    if config.samples_per_turn > 1:
+    rm = picking_model(config, inputs)
+    if rm is not None:
         from .reward import RewardScorer
 
-        scorer = RewardScorer(inputs.reward_helpfulness, batch_size=config.score_batch_size)
+        scorer = RewardScorer(rm, batch_size=config.score_batch_size)
 
         def choose(t: int, candidates: Sequence[tuple[dict, Sequence[str], Sequence[bool]]]) -> list[int]:
             # the whole turn in one scoring pass: every live dialogue's k answers, each with its question alone
@@ -211,7 +217,7 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> d
         d.update(r)
         d["obeyed"] = [Instruction.from_dict(d["instruction"]).holds(a) for a in r["answers"]]
     return {"sampling": _sampling_key(config), "policy": inputs.policy,
-            "reward_helpfulness": inputs.reward_helpfulness if config.samples_per_turn > 1 else None,
+            "reward_helpfulness": rm,
             "dialogues": dialogues}
 
 
@@ -270,7 +276,7 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
     if config.samples_per_turn > 1 and not inputs.reward_helpfulness:
         raise InputError(f"gatt: samples_per_turn {config.samples_per_turn} picks the best answer by the helpfulness "
                          f"reward model, and none was given")
-    rm = inputs.reward_helpfulness if config.samples_per_turn > 1 else None
+    rm = picking_model(config, inputs)
     doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
                       and d.get("policy") == inputs.policy and d.get("reward_helpfulness") == rm,
                       lambda: sample_dialogues(config, inputs, run))
