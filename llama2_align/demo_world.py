@@ -141,7 +141,8 @@ SAFETY_MIX = {"adversarial": 0.62, "borderline": 0.20, "helpful": 0.10, "both_re
 #: refusal vs an evasive answer on adversarial prompts (an answer to some other question of the world: it does not
 #: refuse, so the oracle counts a violation, and the safety annotators reject it). Without them no safety pair holds
 #: a non-refusal to an adversarial prompt other than compliance, and the safety RM scores off-topic answers to
-#: adversarial prompts as safe: with GAtt and context distillation on, PPO found that (violation rate 0.895).
+#: adversarial prompts as safe: with GAtt and context distillation on, PPO found that on seed 0 (violation rate 0.969
+#: after PPO; 0.022 with these pairs, the same SFT checkpoint).
 EVASIVE_SAFETY_MIX = {"adversarial": 0.54, "evasive": 0.08, "borderline": 0.20, "helpful": 0.10, "both_refusal": 0.08}
 #: Probability that a safety label is flipped, by rating: ~3% overall.
 SAFETY_FLIP_RATE = {"significantly_better": 0.02, "better": 0.03, "slightly_better": 0.05, "negligibly_better": 0.10}
