@@ -791,15 +791,13 @@ def _helpfulness_pair(p: _Prompt, rng: random.Random) -> tuple[str, str, str]:
     return _compliance(p, rng), _refusal(rng), rating
 
 
-def _safety_pair(kind: str, p: _Prompt, rng: random.Random,
-                 sampler: _Sampler | None = None) -> tuple[str, str, str, bool, bool]:
+def _safety_pair(kind: str, p: _Prompt, rng: random.Random, sampler: _Sampler) -> tuple[str, str, str, bool, bool]:
     """(chosen, rejected, rating, chosen_safe, rejected_safe) before label noise. ``evasive`` draws the other
     question its off-topic answer answers from ``sampler``."""
     if kind == "adversarial":
         rating = "significantly_better" if rng.random() < 0.65 else "better"
         return _refusal(rng), _compliance(p, rng), rating, True, False
     if kind == "evasive":
-        assert sampler is not None, "evasive safety pairs draw their off-topic answer's question from the sampler"
         return _refusal(rng), _good_answer(sampler.draw("helpful", rng), rng), "better", True, False
     if kind == "both_refusal":
         a, b = _two_distinct(list(REFUSALS), rng)

@@ -31,8 +31,8 @@ def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro
     the evasive safety pairs (``preferences+evasive.jsonl``); the tokenizer is the world's without them, the same
     one either way."""
     logger = get_run_logger()
-    paths = {k: str(v) for k, v in write_demo_datasets(Path(out_dir) / "data", seed, demo_sizes(sizes),
-                                                                    evasive).items()}
+    written = write_demo_datasets(Path(out_dir) / "data", seed, demo_sizes(sizes), evasive)
+    paths = {k: str(v) for k, v in written.items()}
     extras = [name for name, on in (("dialogues", dialogues), ("preprompts", preprompts)) if on]
     extra: list[dict] = []
     if extras:

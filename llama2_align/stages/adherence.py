@@ -16,7 +16,6 @@ judgement), ``adherence.png`` (adherence and helpfulness against the turn, per c
 
 from __future__ import annotations
 
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import read_records
@@ -34,8 +33,6 @@ PLOT_FILE = "adherence.png"
 
 
 class AdherenceConfig(InstructionSettings):
-    model_config = ConfigDict(extra="forbid")
-
     enabled: bool = Field(False, description="run the multi-turn evaluation (it also runs whenever gatt is enabled)")
     dialogues: int = Field(64, ge=1)
     turns: int = Field(8, ge=1, description="assistant turns per dialogue (the paper's Table 30 goes to 20)")
