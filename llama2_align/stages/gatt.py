@@ -4,7 +4,9 @@
             give each an instruction ``inst`` (``multiturn``: checkable constraints combined at random, half the time
             shortened);
 2. sample   every assistant turn from the latest policy with ``inst`` concatenated to every user turn
-            (``concat_template``), turn by turn, so each answer sees the earlier sampled answers; with
+            (``concat_template``), turn by turn, so each answer sees the earlier sampled answers (with
+            ``sample_context="turn"``, its own user turn alone: the dialogues' questions are independent, and a small
+            policy's answers late in a long context are mostly wrong, so GAtt would teach wrong answers); with
             ``samples_per_turn`` k > 1, k answers per turn and the dialogue goes on with the obeying one the
             helpfulness RM scores highest (best of k: a small policy's answers late in a dialogue are mostly wrong,
             and GAtt would teach them);
@@ -78,6 +80,10 @@ class GAttConfig(InstructionSettings):
     max_turns: int = Field(8, ge=1)
     concat_template: str = Field(SYSTEM_BLOCK_TEMPLATE, description="how inst is concatenated to a user turn while "
                                                                     "sampling ({inst}, {user})")
+    sample_context: Literal["dialogue", "turn"] = Field(
+        "dialogue", description="what each sampled answer sees: dialogue, the earlier turns and their sampled answers "
+                                "(the paper's reading); turn, its own user turn alone (with inst), for dialogues of "
+                                "independent questions and a policy whose answers degrade with a long context")
     train_on: Literal["every_turn", "last_turn"] = Field(
         "every_turn", description="every_turn: each sampled turn is the last (and only trained) turn of one example, "
                                   "the dialogue cut after it; last_turn: one example per dialogue, its last turn")
@@ -119,13 +125,24 @@ def dialogue_messages(turns: Sequence[str], answers: Sequence[str], inst: str | 
     return msgs
 
 
+def turn_messages(turns: Sequence[str], answers: Sequence[str], inst: str | None, template: str | None,
+                  context: Literal["dialogue", "turn"] = "dialogue") -> list[dict]:
+    """What the policy sees to answer turn ``len(answers)``: the dialogue so far (:func:`dialogue_messages`), or with
+    ``context="turn"`` that user turn alone."""
+    if context == "turn":
+        return dialogue_messages(turns[len(answers):len(answers) + 1], [], inst, template)
+    return dialogue_messages(turns, answers, inst, template)
+
+
 def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: GenerationSettings,
-                   template: str | None = None, progress=None, samples_per_turn: int = 1, choose=None) -> list[dict]:
-    """Answer every turn of every dialogue with ``model``, turn by turn (each answer sees the earlier ones).
-    ``dialogues``: ``{"turns": [...], "instruction": {...}}``; the instruction is the system prompt, or with a
-    ``template`` is concatenated to every user turn. With ``samples_per_turn`` k > 1, each turn samples k answers and
-    ``choose(turn, candidates)`` returns, for every live dialogue's ``(dialogue, texts, finished)`` at once (one
-    batch: a scorer sees the whole turn), the index of the answer it goes on with. Returns
+                   template: str | None = None, progress=None, samples_per_turn: int = 1, choose=None,
+                   context: Literal["dialogue", "turn"] = "dialogue") -> list[dict]:
+    """Answer every turn of every dialogue with ``model``, turn by turn (each answer sees the earlier ones; with
+    ``context="turn"``, its own user turn alone). ``dialogues``: ``{"turns": [...], "instruction": {...}}``; the
+    instruction is the system prompt, or with a ``template`` is concatenated to every user turn. With
+    ``samples_per_turn`` k > 1, each turn samples k answers and ``choose(turn, candidates)`` returns, for every live
+    dialogue's ``(dialogue, texts, finished)`` at once (one batch: a scorer sees the whole turn), the index of the
+    answer it goes on with. Returns
     ``{"answers": [...], "finished": [...]}`` per dialogue."""
     out = [{"answers": [], "finished": []} for _ in dialogues]
     insts = [Instruction.from_dict(d["instruction"]).text if d.get("instruction") else None for d in dialogues]
@@ -133,7 +150,7 @@ def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: Genera
     k = samples_per_turn
     for t in range(most):
         live = [i for i, d in enumerate(dialogues) if len(d["turns"]) > t]
-        prompts = [dialogue_messages(dialogues[i]["turns"], out[i]["answers"], insts[i], template)
+        prompts = [turn_messages(dialogues[i]["turns"], out[i]["answers"], insts[i], template, context)
                    for i in live for _ in range(k)]
         gens = generate(model, tokenizer, prompts, settings.model_copy(update={"seed": settings.seed + t}))
         candidates = [(dialogues[i], gens.texts[n * k:(n + 1) * k], gens.finished[n * k:(n + 1) * k])
@@ -149,8 +166,8 @@ def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: Genera
 
 def _sampling_key(config: GAttConfig) -> dict:
     return config.model_dump(include={"dialogues", "min_turns", "max_turns", "max_constraints", "short_rate",
-                                      "constraint_kinds", "constraint_values",
-                                      "concat_template", "samples_per_turn", "temperature", "top_p",
+                                      "constraint_kinds", "constraint_values", "concat_template",
+                                      "sample_context", "samples_per_turn", "temperature", "top_p",
                                       "max_new_tokens", "seed"})
 
 
@@ -212,7 +229,7 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> d
 
     rolled = roll_dialogues(policy, tokenizer, dialogues, settings, template=config.concat_template,
                             progress=lambda t, n: run.report(t, n, {"sampling_turn": t}),
-                            samples_per_turn=config.samples_per_turn, choose=choose)
+                            samples_per_turn=config.samples_per_turn, choose=choose, context=config.sample_context)
     for d, r in zip(dialogues, rolled):
         d.update(r)
         d["obeyed"] = [Instruction.from_dict(d["instruction"]).holds(a) for a in r["answers"]]

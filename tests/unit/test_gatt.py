@@ -333,6 +333,21 @@ def test_best_of_k_sees_each_turn_of_every_dialogue_in_one_call(tok):
     assert [len(o["answers"]) for o in out] == [1, 2, 2]
 
 
+def test_turn_context_shows_the_policy_its_own_user_turn_alone():
+    """``context="turn"``: the answer to turn t is sampled from t's user message (with inst) and nothing earlier; the
+    default ("dialogue") shows every earlier turn and its sampled answer."""
+    from llama2_align.stages.gatt import SYSTEM_BLOCK_TEMPLATE, turn_messages
+
+    inst = INST.text
+    alone = turn_messages(TURNS, ANSWERS[:2], inst, SYSTEM_BLOCK_TEMPLATE, "turn")
+    assert alone == [{"role": "user", "content": SYSTEM_BLOCK_TEMPLATE.format(inst=inst, user=TURNS[2])}]
+    chained = turn_messages(TURNS, ANSWERS[:2], inst, SYSTEM_BLOCK_TEMPLATE)
+    assert [m["role"] for m in chained] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in chained[1::2]] == ANSWERS[:2]
+    assert all(inst in m["content"] for m in chained[0::2]) and TURNS[2] in chained[-1]["content"]
+    assert turn_messages(TURNS, [], inst, SYSTEM_BLOCK_TEMPLATE, "turn") == chained[:1]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The pipeline's switches
 # --------------------------------------------------------------------------------------------------------------------
