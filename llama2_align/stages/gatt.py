@@ -8,8 +8,7 @@
             ``sample_context="turn"``, its own user turn alone: the dialogues' questions are independent, and a small
             policy's answers late in a long context are mostly wrong, so GAtt would teach wrong answers); with
             ``samples_per_turn`` k > 1, k answers per turn and the dialogue goes on with the obeying one the
-            helpfulness RM scores highest (best of k: a small policy's answers late in a dialogue are mostly wrong,
-            and GAtt would teach them);
+            helpfulness RM scores highest (best of k, as rejection sampling: GAtt teaches whatever it samples);
 3. rebuild  the dialogue with ``inst`` only in the first turn, as the system prompt of the Llama 2 format;
 4. train    with zero loss on every token of the earlier turns (earlier answers included) and full loss on the last
             answer: the SFT stage with ``loss_on="last_answer"`` (``<out_dir>/sft``, which resumes by itself). By
