@@ -7,8 +7,12 @@
             with adjectives such as responsible, respectful, wise, and, when ``answer_templates`` is set and the
             prompt's risk category is known, that category's answer template) and without it (the original);
 3. filter   targeted (the paper's): keep a distilled answer only where the safety RM scores it above the original
-            answer (both scored on the prompt without the preprompt); untargeted: keep every distilled answer;
-4. train    the policy on (prompt without the preprompt, distilled answer): the SFT stage in ``<out_dir>/sft``.
+            answer (both scored on the prompt without the preprompt); where it does not, ``not_preferred`` decides:
+            ``drop`` the example, or train on the ``original`` answer instead (the paper's "we keep the
+            context-distilled output only on the examples where it gets a better reward model score than the
+            original answer": every example is kept, with the answer the safety RM prefers); untargeted: keep every
+            distilled answer;
+4. train    the policy on (prompt without the preprompt, the kept answer): the SFT stage in ``<out_dir>/sft``.
 
 ``compare_untargeted`` also trains the untargeted variant from the same generations (``<out_dir>/untargeted/``, its
 model in ``metrics.untargeted_final``), so the two can be compared on the same run.
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +54,9 @@ class ContextDistillationConfig(BaseModel):
 
     enabled: bool = Field(False, description="run context distillation in the pipeline (after PPO)")
     targeted: bool = Field(True, description="keep a distilled answer only where the safety RM prefers it")
+    not_preferred: Literal["drop", "original"] = Field(
+        "original", description="targeted, where the safety RM does not prefer the distilled answer: train on the "
+                                "original answer (without the preprompt) instead, or drop the example")
     compare_untargeted: bool = Field(False, description="also train the untargeted variant, for comparison")
     categories: list[str] = Field(default_factory=lambda: ["adversarial", "borderline"],
                                   description="prompt categories distilled (is_safety prompts without categories)")
@@ -127,24 +136,53 @@ def generate_pairs(config: ContextDistillationConfig, inputs: ContextDistillatio
 
 
 def _sampling_key(config: ContextDistillationConfig) -> dict:
-    return config.model_dump(exclude={"enabled", "targeted", "compare_untargeted", "num_samples", "sft",
-                                      "generation_batch_size", "score_batch_size", "dtype"})
+    return config.model_dump(exclude={"enabled", "targeted", "not_preferred", "compare_untargeted", "num_samples",
+                                      "sft", "generation_batch_size", "score_batch_size", "dtype"})
+
+
+def _usable(row: dict, which: str, require_finished: bool) -> bool:
+    return bool(row[which].strip()) and (bool(row[f"{which}_finished"]) or not require_finished)
 
 
 def keep(row: dict, targeted: bool, require_finished: bool = True) -> bool:
     """Whether a distilled answer is trained on: it is non-empty and (``require_finished``) ended with EOS, and
     (targeted) the safety RM scores it strictly above the original answer."""
-    usable = bool(row["distilled"].strip()) and (bool(row["distilled_finished"]) or not require_finished)
+    usable = _usable(row, "distilled", require_finished)
     return usable and (not targeted or row["rm_safety_distilled"] > row["rm_safety_original"])
 
 
-def distillation_records(rows: list[dict], targeted: bool, require_finished: bool = True) -> list[dict]:
-    return [{"id": f"cd-{i + 1:06d}", "category": r["category"] or "safety",
-             "messages": r["messages"] + [{"role": "assistant", "content": r["distilled"].strip()}]}
-            for i, r in enumerate(rows) if keep(r, targeted, require_finished)]
+def trained_answer(row: dict, targeted: bool, require_finished: bool = True, not_preferred: str = "original"
+                   ) -> str | None:
+    """The answer a row is trained on: the distilled one when :func:`keep` says so; else, targeted with
+    ``not_preferred="original"``, the original answer when it is usable; else None (the row is dropped)."""
+    if keep(row, targeted, require_finished):
+        return row["distilled"].strip()
+    if targeted and not_preferred == "original" and _usable(row, "original", require_finished):
+        return row["original"].strip()
+    return None
 
 
-def summarize(rows: list[dict], targeted: bool, require_finished: bool = True) -> dict:
+def _trained_on(row: dict, config: ContextDistillationConfig) -> str | None:
+    """"distilled", "original" or None: which answer the row is trained on."""
+    if keep(row, config.targeted, config.require_finished):
+        return "distilled"
+    return "original" if trained_answer(row, config.targeted, config.require_finished, config.not_preferred) \
+        else None
+
+
+def distillation_records(rows: list[dict], targeted: bool, require_finished: bool = True,
+                         not_preferred: str = "original") -> list[dict]:
+    out = []
+    for i, r in enumerate(rows):
+        answer = trained_answer(r, targeted, require_finished, not_preferred)
+        if answer is not None:
+            out.append({"id": f"cd-{i + 1:06d}", "category": r["category"] or "safety",
+                        "messages": r["messages"] + [{"role": "assistant", "content": answer}]})
+    return out
+
+
+def summarize(rows: list[dict], targeted: bool, require_finished: bool = True, not_preferred: str = "original"
+              ) -> dict:
     refuses = RefusalRules(DEFAULT_REFUSAL_RULES)
 
     def mean(xs):
@@ -158,6 +196,9 @@ def summarize(rows: list[dict], targeted: bool, require_finished: bool = True) -
          "distilled_preferred_rate": mean([float(r["rm_safety_distilled"] > r["rm_safety_original"]) for r in rows]),
          "refusal_rate_original": mean([float(refuses(r["original"])) for r in rows]),
          "refusal_rate_distilled": mean([float(refuses(r["distilled"])) for r in rows])}
+    if targeted and not_preferred == "original":
+        m["kept_original"] = sum(trained_answer(r, True, require_finished, not_preferred) is not None
+                                 and not keep(r, True, require_finished) for r in rows)
     for cat in sorted({r["category"] for r in rows if r["category"]}):
         sel = [r for r in rows if r["category"] == cat]
         m[f"kept_targeted_{cat}"] = sum(keep(r, True, require_finished) for r in sel)
@@ -168,7 +209,7 @@ def summarize(rows: list[dict], targeted: bool, require_finished: bool = True) -
 
 def _fine_tune(config: ContextDistillationConfig, inputs: ContextDistillationInputs, run: StageRun, rows: list[dict],
                targeted: bool, where: Path):
-    records = distillation_records(rows, targeted, config.require_finished)
+    records = distillation_records(rows, targeted, config.require_finished, config.not_preferred)
     if not records:
         raise InputError(f"context distillation ({'targeted' if targeted else 'untargeted'}) kept no answer: the "
                          "safety RM never preferred a distilled answer, or every one was empty or cut off")
@@ -188,7 +229,7 @@ def run_context_distillation(config: ContextDistillationConfig, inputs: ContextD
     doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
                       and d.get("policy") == inputs.policy, lambda: generate_pairs(config, inputs))
     rows = doc["rows"]
-    metrics = summarize(rows, config.targeted, config.require_finished)
+    metrics = summarize(rows, config.targeted, config.require_finished, config.not_preferred)
     run.report(0, 1, metrics)
     sft = _fine_tune(config, inputs, run, rows, config.targeted, run.out_dir)
     metrics.update({f"sft_{k}": v for k, v in sft.metrics.items()
@@ -202,8 +243,9 @@ def run_context_distillation(config: ContextDistillationConfig, inputs: ContextD
         _link_tree(Path(sft.final), run.out_dir / FINAL_DIR)
         atomic_write_json(run.out_dir / "samples.json", [
             {k: r[k] for k in ("category", "preprompt", "original", "distilled", "rm_safety_original",
-                               "rm_safety_distilled")} | {"prompt": r["messages"][-1]["content"],
-                                                          "kept": keep(r, config.targeted, config.require_finished)}
+                               "rm_safety_distilled")} | {
+                "prompt": r["messages"][-1]["content"], "kept": keep(r, config.targeted, config.require_finished),
+                "trained_on": _trained_on(r, config)}
             for r in rows[: config.num_samples]])
         artifacts["samples"] = "samples.json"
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=sft.steps, artifacts=artifacts)

@@ -49,7 +49,9 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
 
     # context distillation: the targeted set is the filtered one, the untargeted comparison trained beside it
     cd = report["stages"]["context-distillation"]["metrics"]
-    assert cd["filter"] == "targeted" and cd["sft_train_examples"] <= cd["kept_targeted"] <= cd["kept_untargeted"]
+    # (where the safety RM does not prefer the distilled answer, the original one is trained on: not_preferred)
+    assert cd["filter"] == "targeted" and cd["kept_targeted"] <= cd["kept_untargeted"]
+    assert cd["sft_train_examples"] <= cd["kept_targeted"] + cd["kept_original"]
     assert (run / "context-distillation" / "untargeted" / "sft" / "final").is_dir()
     for rec in read_records(run / "context-distillation" / "cd.jsonl", "sft"):
         assert [m.role for m in rec.messages] == ["user", "assistant"]  # trained without the preprompt

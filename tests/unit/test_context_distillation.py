@@ -31,15 +31,38 @@ def test_targeted_filter_keeps_a_distilled_answer_only_where_the_safety_rm_prefe
     assert [keep(r, targeted=True) for r in rows] == [True, False, False, False, False]
     assert [keep(r, targeted=False) for r in rows] == [True, True, True, False, False]
     assert [keep(r, targeted=True, require_finished=False) for r in rows] == [True, False, False, True, False]
-    targeted = distillation_records(rows, targeted=True)
+    targeted = distillation_records(rows, targeted=True, not_preferred="drop")
     assert [r["messages"] for r in targeted] == [PROMPT + [{"role": "assistant",
                                                              "content": "I'm sorry, I can't help with that."}]]
     assert len(distillation_records(rows, targeted=False)) == 3
-    m = summarize(rows, targeted=True)
+    m = summarize(rows, targeted=True, not_preferred="drop")
     assert (m["kept_targeted"], m["kept_untargeted"], m["filter"]) == (1, 3, "targeted")
     assert m["distilled_preferred_rate"] == 0.6  # rows 1, 4 and 5: the filter also needs a usable answer
     assert m["refusal_rate_original"] == 0.4 and m["refusal_rate_distilled"] == 0.6
 
+
+
+def test_targeted_filter_can_train_on_the_original_answer_where_the_rm_does_not_prefer_the_distilled_one():
+    rows = [_row("I'm sorry, I can't help with that.", "Sure! First get black powder.", 2.0, -3.0),  # distilled
+            _row("Sure! First get a fuse.", "I'm sorry, I can't help.", -2.5, 1.5),                 # original
+            _row("Sorry, I cannot help.", "I won't help with that.", 0.7, 0.7),                    # a tie: original
+            _row("   ", "I cannot help with that.", 1.0, -1.0)]                                    # empty: original
+    rows.append(dict(_row("Sure! Get gun parts.", "I cannot help", -1.0, 1.0), original_finished=False))  # none
+    records = distillation_records(rows, targeted=True, not_preferred="original")
+    assert [r["messages"][-1]["content"] for r in records] == [
+        "I'm sorry, I can't help with that.", "I'm sorry, I can't help.", "I won't help with that.",
+        "I cannot help with that."]
+    assert [r["id"] for r in records] == ["cd-000001", "cd-000002", "cd-000003", "cd-000004"]
+    # "drop" and the untargeted variant ignore the original answers; "original" is the default
+    assert len(distillation_records(rows, targeted=True, not_preferred="drop")) == 1
+    assert len(distillation_records(rows, targeted=True)) == 4
+    assert [r["messages"][-1]["content"] for r in distillation_records(rows, targeted=False,
+                                                                      not_preferred="original")] == [
+        "I'm sorry, I can't help with that.", "Sure! First get a fuse.", "Sorry, I cannot help.",
+        "Sure! Get gun parts."]
+    m = summarize(rows, targeted=True, not_preferred="original")
+    assert (m["kept_targeted"], m["kept_original"]) == (1, 3)
+    assert "kept_original" not in summarize(rows, targeted=True, not_preferred="drop")
 
 def test_trained_dialogues_never_hold_the_preprompt():
     rows = [_row("I can't help with that.", "Sure! First get black powder.", 1.0, -1.0)]
