@@ -8,8 +8,9 @@ only what is particular to it, as a body decorated with :func:`stage`::
         ...                                   # validate, build, train (resume from run.resume()), save
         return StageOutput(final=..., metrics=..., steps=..., artifacts=...)
 
-The frame returns at once when the stage is complete, times the run, waits for every rank, fingerprints the inputs,
-records provenance, writes ``result.json`` last (rank 0) and prunes old checkpoints.
+The frame returns at once when the stage is complete (and refuses, naming the fields, when that finished run had
+another config or other inputs: its result would not be this call's), times the run, waits for every rank,
+fingerprints the inputs, records provenance, writes ``result.json`` last (rank 0) and prunes old checkpoints.
 
 Stage directory::
 
@@ -40,6 +41,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from .. import dist
+from ..errors import InputError
 from ..io import atomic_write_json, hash_path, read_jsonl
 
 RESULT_FILE = "result.json"
@@ -206,6 +208,7 @@ def stage(name: str | Callable[[Any], str]):
             out_dir = Path(out_dir)
             done = load_result(out_dir)
             if done is not None:
+                check_same_run(done, config, inputs, out_dir)
                 return done
             run = StageRun(name(config) if callable(name) else name, config, inputs, out_dir, progress)
             return run.finish(body(config, inputs, run))
@@ -237,6 +240,63 @@ def load_result(out_dir: str | Path) -> StageResult | None:
         logger.warning(f"{path}: records {result.steps} of {result.planned_steps} planned steps: not complete")
         return None
     return result
+
+
+#: Config fields that say how a stage ran, not what it computed: a finished stage is reused whatever their values.
+#: (micro_batch_size: the OOM back-off halves it and keeps the effective batch.)
+HOW_NOT_WHAT = frozenset({"progress_bar", "num_processes", "keep_checkpoints", "save_steps", "num_samples",
+                          "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "score_batch_size"})
+
+
+class FinishedWithOtherSettings(InputError):
+    """A finished stage directory whose result.json records another config or other inputs than the call's."""
+
+
+def _differences(a: Any, b: Any, at: str = "") -> list[str]:
+    """The dotted paths where two JSON values differ (a key on one side only counts)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            if key in HOW_NOT_WHAT:
+                continue
+            where = f"{at}.{key}" if at else str(key)
+            if key not in a or key not in b:
+                out.append(f"{where} ({'not recorded' if key not in a else 'no longer a setting'})")
+            else:
+                out += _differences(a[key], b[key], where)
+        return out
+    return [] if a == b else [at or "(value)"]
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _hashes(fingerprints: Any) -> Any:
+    """Input fingerprints without their paths: a run directory moved or copied keeps its stages."""
+    if isinstance(fingerprints, dict):
+        if set(fingerprints) == {"path", "hash"}:
+            return fingerprints["hash"]
+        return {k: _hashes(v) for k, v in fingerprints.items()}
+    if isinstance(fingerprints, list):
+        return [_hashes(v) for v in fingerprints]
+    return fingerprints
+
+
+def check_same_run(done: StageResult, config: BaseModel, inputs: BaseModel, out_dir: str | Path) -> None:
+    """Refuse a finished stage whose recorded config or inputs differ from this call's: returning its result would
+    silently give the old run's output for new settings (a changed ``--set`` on an existing run name, or an upstream
+    stage re-run after its directory was deleted)."""
+    config_diff = _differences(_plain(done.config), _plain(config.model_dump(mode="json")))
+    input_diff = _differences(_hashes(_plain(done.inputs)),
+                              _hashes(_plain(input_fingerprints(inputs.model_dump(mode="json")))))
+    if not config_diff and not input_diff:
+        return
+    what = [f"config: {', '.join(config_diff[:8])}{' ...' if len(config_diff) > 8 else ''}"] if config_diff else []
+    what += [f"inputs changed: {', '.join(input_diff[:8])}"] if input_diff else []
+    raise FinishedWithOtherSettings(
+        f"{out_dir} holds a finished {done.stage} stage run with other settings ({'; '.join(what)}): its result is "
+        f"not this run's. Use another run name, or delete {out_dir} (and the stages after it) to run it again.")
 
 
 def write_result(result: StageResult) -> StageResult:

@@ -143,3 +143,42 @@ def test_reward_model_warm_starts_from_init(tmp_path, demo_world_dir, sft_dir, r
     before, after = load_file(init / "model.safetensors"), load_file(tmp_path / "warm" / "final" / "model.safetensors")
     assert torch.allclose(before["score.weight"], after["score.weight"], atol=1e-6)
     assert result.inputs["init"]["hash"].startswith("result:")  # the warm start is part of the input fingerprint
+
+
+def test_a_finished_stage_is_reused_only_for_the_same_config_and_inputs(tmp_path, demo_world_dir, sft_dir):
+    """A finished stage directory returns its result for the same settings (wherever the directory now lies, and
+    whatever its progress bar), and refuses other settings with the fields named instead of passing off the old
+    result as the new run's."""
+    import shutil
+
+    from llama2_align.stages.common import FinishedWithOtherSettings
+    from llama2_align.stages.sft import SFTConfig, SFTInputs, run_sft
+
+    done = json.loads((sft_dir / "result.json").read_text())
+    cfg = SFTConfig.model_validate(done["config"])
+    inputs = SFTInputs(base="micro", data=done["inputs"]["data"]["path"],
+                       tokenizer=done["inputs"]["tokenizer"]["path"])
+    assert run_sft(cfg, inputs, sft_dir).steps == done["steps"]
+    assert run_sft(cfg.model_copy(update={"progress_bar": not cfg.progress_bar}), inputs, sft_dir).steps == \
+        done["steps"]
+    moved = tmp_path / "moved" / "sft"
+    shutil.copytree(sft_dir, moved)
+    assert run_sft(cfg, inputs, moved).duration_s == done["duration_s"]  # served, not re-run
+
+    with pytest.raises(FinishedWithOtherSettings, match=r"config: learning_rate\)") as err:
+        run_sft(cfg.model_copy(update={"learning_rate": cfg.learning_rate * 2}), inputs, moved)
+    assert str(moved) in str(err.value) and "another run name" in str(err.value)
+    fewer = tmp_path / "sft-fewer.jsonl"
+    fewer.write_text("".join((demo_world_dir / "sft.jsonl").read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(FinishedWithOtherSettings, match=r"inputs changed: data\)"):
+        run_sft(cfg, inputs.model_copy(update={"data": str(fewer)}), moved)
+    assert json.loads((moved / "result.json").read_text()) == done  # untouched
+
+
+def test_setting_differences_name_every_field_and_skip_how_a_stage_ran():
+    from llama2_align.stages.common import _differences
+
+    old = {"lr": 1e-3, "progress_bar": True, "lora": {"r": 8, "alpha": 16}, "gone": 1}
+    new = {"lr": 1e-3, "progress_bar": False, "lora": {"r": 16, "alpha": 16}, "added": 2}
+    assert _differences(old, new) == ["added (not recorded)", "gone (no longer a setting)", "lora.r"]
+    assert _differences(old, dict(old, progress_bar=False, num_samples=3)) == []
