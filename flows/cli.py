@@ -136,6 +136,7 @@ def run(
     from flows.pipeline import rlhf_pipeline
     from llama2_align.errors import InputError
     from llama2_align.report import headline_text
+    from llama2_align.stages.common import FinishedWithOtherSettings
 
     if seed_list is not None:
         return _run_seeds(pipeline_config, seed_list)
@@ -145,6 +146,8 @@ def run(
     try:
         result = rlhf_pipeline(config=pipeline_config)
     except StageFailed as err:
+        if isinstance(err.error, FinishedWithOtherSettings):  # a refusal, not a failure: resuming would not help
+            fail(f"stage {err.stage!r}: {err.error}", EXIT_REFUSED)
         _explain_failure(f"stage {err.stage!r} failed: {_first_lines(err.error)}", log_file,
                          f"Its dependents did not run. Fix the cause, then run the same command again: finished "
                          f"stages are served from the cache and {err.stage!r} resumes from its newest checkpoint.")
