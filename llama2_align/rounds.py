@@ -526,28 +526,48 @@ def rm_accuracy(reward_models: dict[str, str], pairs: str | Path, out: Path, bat
         heldout = (done.metrics.get("accuracy_by_category") or {}).get(kind) if done else None
         entry: dict[str, Any] = {"model": str(path), "pairs": len(sel), "heldout_accuracy": heldout}
         if sel:
-            m = evaluate_pairs(RewardScorer(path, batch_size=batch_size), sel)
+            m = evaluate_pairs(RewardScorer(path, batch_size=batch_size), sel, per_pair=True)
             counts = {rt: sum(x.rating == rt for x in sel) for rt in m["accuracy_by_rating"]}
             decisive = {rt: n for rt, n in counts.items() if rt != "negligibly_better" and n}
             right = sum(m["accuracy_by_rating"][rt] * n for rt, n in decisive.items())
             entry.update(accuracy=m["accuracy"], accuracy_by_rating=m["accuracy_by_rating"], pairs_by_rating=counts,
                          decisive_pairs=sum(decisive.values()),
-                         accuracy_decisive=round(right / sum(decisive.values()), 4) if decisive else None)
+                         accuracy_decisive=round(right / sum(decisive.values()), 4) if decisive else None,
+                         pair_ids=[x.id for x in sel], correct=m["correct"],
+                         decisive=[int(x.rating != "negligibly_better") for x in sel])
         result[kind] = entry
     atomic_write_json(out, result)
     return result
 
 
+def accuracy_change(before: dict, after: dict, decisive_only: bool = False) -> dict | None:
+    """The retrained model's accuracy minus the previous one's on the same pairs, with a 95% paired-bootstrap
+    interval over the pairs (``{"change", "ci"}``); None when the per-pair results are missing or not the same
+    pairs."""
+    from .stats import paired_bootstrap
+
+    b, a = before.get("correct"), after.get("correct")
+    if not b or not a or before.get("pair_ids") != after.get("pair_ids"):
+        return None
+    keep = [i for i, d in enumerate(before.get("decisive") or [1] * len(b)) if d or not decisive_only]
+    if not keep:
+        return None
+    boot = paired_bootstrap([b[i] for i in keep], [a[i] for i in keep])
+    return {"change": round(boot["estimate"], 4), "ci": [round(x, 4) for x in boot["ci"]]}
+
+
 def staleness(before: dict, after: dict) -> dict:
     """Per reward model: the previous model's held-out accuracy (on data like its training data), its accuracy on
-    the round's test pairs (the new policy's answers), and the retrained model's on the same pairs."""
+    the round's test pairs (the new policy's answers), and the retrained model's on the same pairs, with the
+    change's paired-bootstrap interval (all pairs, and the decisive ones)."""
     out = {}
     for kind in before:
         b, a = before[kind], after.get(kind, {})
         out[kind] = {"pairs": b.get("pairs"), "previous_heldout": b.get("heldout_accuracy"),
                      "before": b.get("accuracy"), "after": a.get("accuracy"),
                      "before_decisive": b.get("accuracy_decisive"), "after_decisive": a.get("accuracy_decisive"),
-                     "decisive_pairs": b.get("decisive_pairs")}
+                     "decisive_pairs": b.get("decisive_pairs"), "change": accuracy_change(b, a),
+                     "change_decisive": accuracy_change(b, a, decisive_only=True)}
     return out
 
 

@@ -146,6 +146,15 @@ def round_rows(report: dict) -> list[dict[str, str]]:
     return rows
 
 
+def _change(c: dict | None) -> str:
+    """``+0.037 [+0.010, +0.064] better``: an accuracy change with its interval and verdict."""
+    if not c or c.get("ci") is None:
+        return ""
+    lo, hi = c["ci"]
+    word = " better" if lo > 0 else " worse" if hi < 0 else ""
+    return f"{c['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{word}"
+
+
 def staleness_rows(report: dict) -> list[dict[str, str]]:
     """Per round and reward model: the previous model's held-out accuracy, its accuracy on the round's new pairs
     (test pairs, never trained on) and the retrained model's on the same pairs; decisive pairs (not negligibly
@@ -157,7 +166,9 @@ def staleness_rows(report: dict) -> list[dict[str, str]]:
                          "previous RM, held-out": _v(s.get("previous_heldout")),
                          "previous RM, new pairs": f"{_v(s.get('before'))} [{_v(s.get('before_decisive'))}]",
                          "retrained RM, new pairs": f"{_v(s.get('after'))} [{_v(s.get('after_decisive'))}]",
-                         "decisive pairs": str(s.get("decisive_pairs"))})
+                         "decisive pairs": str(s.get("decisive_pairs")),
+                         "retrained - previous": _change(s.get("change")),
+                         "on decisive pairs": _change(s.get("change_decisive"))})
     return rows
 
 
@@ -195,7 +206,9 @@ def render_markdown(report: dict, figure_src: str | None = None) -> str:
     if srows:
         lines += ["## Reward-model staleness", "", "Accuracy on each round's test pairs (answers of the policy the "
                   "round started from, labelled in the round, never trained on), before and after retraining; in "
-                  "brackets: on the decisive pairs (all but negligibly better).", ""] + _table(srows) + [""]
+                  "brackets: on the decisive pairs (all but negligibly better). The change carries a 95% "
+                  "paired-bootstrap interval over the pairs; \"better\"/\"worse\" only where it excludes 0.",
+                  ""] + _table(srows) + [""]
     if figure_src:
         lines += ["## Helpfulness against harmlessness (paper, Figure 11)", "", f"![rounds]({figure_src})", ""]
     return "\n".join(lines) + "\n"

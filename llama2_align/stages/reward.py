@@ -176,9 +176,10 @@ class RewardScorer:
         return self.score_ids(seqs)
 
 
-def evaluate_pairs(scorer: RewardScorer, records: Sequence[PreferenceRecord], unsafe_threshold: float = 0.5
-                   ) -> dict:
-    """Accuracy overall, per rating, per category and per category x rating; safety recall of unsafe responses."""
+def evaluate_pairs(scorer: RewardScorer, records: Sequence[PreferenceRecord], unsafe_threshold: float = 0.5,
+                   per_pair: bool = False) -> dict:
+    """Accuracy overall, per rating, per category and per category x rating; safety recall of unsafe responses.
+    ``per_pair``: also ``correct``, 1 or 0 per record in order (for a paired comparison of two models)."""
     if not records:
         return {}
     chosen = scorer.score([r.context_messages() for r in records], [r.chosen for r in records])
@@ -203,6 +204,8 @@ def evaluate_pairs(scorer: RewardScorer, records: Sequence[PreferenceRecord], un
         "mean_score_chosen": round(float(chosen.mean()), 4),
         "mean_score_rejected": round(float(rejected.mean()), 4),
     }
+    if per_pair:
+        metrics["correct"] = [int(c) for c in correct]
     # Safety: recall of the responses labelled unsafe, flagged when sigmoid(score) < threshold.
     unsafe_scores = [float(s) for r, s in zip(records, chosen) if r.chosen_safe is False]
     unsafe_scores += [float(s) for r, s in zip(records, rejected) if r.rejected_safe is False]

@@ -47,6 +47,8 @@ def test_two_micro_rounds_through_the_cli(prefect_server, tmp_path):
     assert [r["method"] for r in report["rounds"]] == ["rs", "ppo"] and report["judge"] == "oracle"
     for r in report["rounds"]:
         assert set(r["staleness"]) == {"helpfulness", "safety"}
+        for st in r["staleness"].values():  # the retrained RM against the previous one on the same pairs, with a CI
+            assert not st["pairs"] or (st["change"]["ci"][0] <= st["change"]["change"] <= st["change"]["ci"][1])
         assert r["vs_sft"]["violation_rate"]["ci"] is not None and r["gate"]["checks"]
         assert r["promoted"] == r["gate"]["promoted"]
     second = json.loads((rounds_dir / "2" / "round.json").read_text())

@@ -235,3 +235,23 @@ def test_rounds_resume_refuses_before_touching_the_run(tmp_path):
     refused = _invoke("resume", "rounds", "--labels", bad, "--runs-root", tmp_path)
     assert refused.exit_code == 1 and "rating" in refused.output and "still waits" in refused.output
     assert not labels.exists() and lib.read_state(plan.rounds_dir)["paused"]["round"] == 1
+
+
+def test_staleness_change_has_a_paired_interval_over_the_pairs():
+    ids = [f"p{i}" for i in range(40)]
+    before = {"accuracy": 0.5, "pair_ids": ids, "correct": [1, 0] * 20, "decisive": [1] * 20 + [0] * 20}
+    same = lib.accuracy_change(before, dict(before))
+    assert same == {"change": 0.0, "ci": [0.0, 0.0]}  # identical answers: no change, no spread
+    better = dict(before, correct=[1] * 40)  # right on every pair the previous model got wrong
+    c = lib.accuracy_change(before, better)
+    assert c["change"] == 0.5 and c["ci"][0] > 0
+    d = lib.accuracy_change(before, better, decisive_only=True)
+    assert d["change"] == 0.5 and d["ci"][0] > 0
+    assert lib.accuracy_change(before, dict(better, pair_ids=ids[::-1])) is None  # not the same pairs
+    assert lib.accuracy_change({"accuracy": 0.5}, better) is None  # a file from before per-pair results
+    s = lib.staleness({"safety": dict(before, pairs=40, heldout_accuracy=0.9, accuracy_decisive=0.5,
+                                      decisive_pairs=20)}, {"safety": dict(better, accuracy=1.0)})
+    assert s["safety"]["change"] == c and s["safety"]["change_decisive"] == d
+    from llama2_align.rounds_report import _change
+
+    assert _change(c).endswith(" better") and _change(same) == "+0.000 [+0.000, +0.000]" and _change(None) == ""
