@@ -12,6 +12,8 @@ no run directory behind. What it checks:
 - every data file against its contract (``data.read_records``: every bad record as ``file:line: field: ...``), the
   preference data holding pairs of both categories, and one judge for the eval records (``evaluate.judge_kind``);
 - settings that cannot work together (PPO prompts that do not divide among its processes);
+- a run directory whose finished stages were run with other settings (a changed ``--set`` on an existing run name):
+  refused with the stage and the fields named, before anything runs (the stage frame would refuse it later);
 - on GPUs, the memory plan (``llama2-align plan``): a run whose stages cannot fit is refused with the numbers.
 
 Problems are collected, not stopped at the first, and raised as one error: a :class:`ConfigError` when any of them
@@ -59,9 +61,43 @@ def preflight(config: PipelineConfig) -> ResolvedPipeline:
         given = ", ".join(f"data.{f}" for f in DATA_KINDS if getattr(cfg.data, f))
         problems.usage.append(f"{given} given but data.source is 'demo': set data.source=files to use your files")
     check_stage_settings(cfg, problems)
+    check_finished_stages(cfg, problems)
     problems.raise_if_any()
     check_memory(cfg)
     return cfg
+
+
+#: The pipeline's stage directories and the config section each one runs with.
+STAGE_SECTIONS = {"sft": "sft", "reward-helpfulness": "reward_helpfulness", "reward-safety": "reward_safety",
+                  "rejection-sampling": "rejection_sampling", "ppo": "ppo",
+                  "context-distillation": "context_distillation", "gatt": "gatt", "eval": "eval",
+                  "adherence": "adherence", "export": "export"}
+
+
+def check_finished_stages(cfg: ResolvedPipeline, problems: Problems) -> None:
+    """Each finished stage directory of the run (the shared upstream ones included) was run with this run's config
+    section: a finished stage is otherwise refused when the run reaches it (``stages.common.check_same_run``), after
+    the stages before it ran. Stages this run does not run (switched off) are not checked."""
+    from .pipeline import SHARED_STAGES
+    from .stages.common import RESULT_FILE, config_differences, load_result
+
+    for name, section in STAGE_SECTIONS.items():
+        config = getattr(cfg, section)
+        if getattr(config, "enabled", True) is False and not (name == "adherence" and cfg.gatt.enabled):
+            continue
+        where = Path(cfg.upstream_dir() if name in SHARED_STAGES else cfg.run_dir) / name
+        if not (where / RESULT_FILE).is_file():
+            continue
+        try:
+            done = load_result(where)
+        except ValueError as err:
+            problems.inputs.append(f"{where / RESULT_FILE}: not a stage result: {str(err).splitlines()[0]}")
+            continue
+        diff = config_differences(done, config) if done is not None else []
+        if diff:
+            shown = ", ".join(f"{section}.{d}" for d in diff[:8]) + (" ..." if len(diff) > 8 else "")
+            problems.inputs.append(f"{where} holds a finished {name} stage run with other settings ({shown}): use "
+                                   f"another run name, or delete {where} and the stages after it to run it again")
 
 
 def check_run_location(config: PipelineConfig, cfg: ResolvedPipeline, problems: Problems) -> None:

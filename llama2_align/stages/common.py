@@ -244,8 +244,10 @@ def load_result(out_dir: str | Path) -> StageResult | None:
 
 #: Config fields that say how a stage ran, not what it computed: a finished stage is reused whatever their values.
 #: (micro_batch_size: the OOM back-off halves it and keeps the effective batch.)
+#: (enabled: whether the pipeline runs a stage, not what it computes.)
 HOW_NOT_WHAT = frozenset({"progress_bar", "num_processes", "keep_checkpoints", "save_steps", "num_samples",
-                          "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "score_batch_size"})
+                          "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "score_batch_size",
+                          "enabled"})
 
 
 class FinishedWithOtherSettings(InputError):
@@ -283,11 +285,16 @@ def _hashes(fingerprints: Any) -> Any:
     return fingerprints
 
 
+def config_differences(done: StageResult, config: BaseModel) -> list[str]:
+    """The config fields (dotted) where a finished stage's recorded config differs from ``config``."""
+    return _differences(_plain(done.config), _plain(config.model_dump(mode="json")))
+
+
 def check_same_run(done: StageResult, config: BaseModel, inputs: BaseModel, out_dir: str | Path) -> None:
     """Refuse a finished stage whose recorded config or inputs differ from this call's: returning its result would
     silently give the old run's output for new settings (a changed ``--set`` on an existing run name, or an upstream
     stage re-run after its directory was deleted)."""
-    config_diff = _differences(_plain(done.config), _plain(config.model_dump(mode="json")))
+    config_diff = config_differences(done, config)
     input_diff = _differences(_hashes(_plain(done.inputs)),
                               _hashes(_plain(input_fingerprints(inputs.model_dump(mode="json")))))
     if not config_diff and not input_diff:

@@ -103,12 +103,12 @@ def test_sigkill_leaves_no_process_behind_and_the_same_command_resumes(home, tmp
     assert sft_result.stat().st_mtime_ns == sft_written  # SFT was not trained again
     assert _servers_of(home) == []
 
-    # the same run name with another PPO setting: refused at PPO, the finished PPO left as it was
+    # the same run name with another PPO setting: refused before any stage runs, the finished PPO left as it was
     ppo_written = (ppo / "result.json").stat().st_mtime_ns
     other = subprocess.run(argv + ["--set", "ppo.kl_beta=0.3"], env=_env(home), capture_output=True, text=True,
                            timeout=600, cwd=ROOT)
     assert other.returncode == 1, (other.stdout + other.stderr)[-4000:]
-    assert "holds a finished ppo stage run with other settings (config: kl_beta)" in other.stderr, other.stderr
+    assert "holds a finished ppo stage run with other settings (ppo.kl_beta)" in other.stderr, other.stderr
     assert "Traceback" not in other.stdout + other.stderr and "resumes from its newest checkpoint" not in other.stderr
     assert (ppo / "result.json").stat().st_mtime_ns == ppo_written
     assert _servers_of(home) == []

@@ -211,6 +211,32 @@ def test_ppo_prompts_must_divide_among_its_processes(tmp_path):
                    tmp_path=tmp_path)
 
 
+def test_a_finished_stage_run_with_other_settings_is_refused_before_any_stage_runs(tmp_path):
+    from llama2_align.pipeline import resolve
+    from llama2_align.preflight import Problems, check_finished_stages
+    from llama2_align.stages.common import StageResult, write_result
+
+    cfg = resolve(PipelineConfig(preset="demo-micro", runs_root=str(tmp_path / "runs")))
+    ppo_dir = Path(cfg.run_dir) / "ppo"
+    ppo_dir.mkdir(parents=True)
+    write_result(StageResult(stage="ppo", out_dir=str(ppo_dir), config=cfg.ppo.model_dump(mode="json")))
+    same = Problems()
+    check_finished_stages(cfg, same)
+    assert not (same.inputs or same.usage)  # the same settings: the run goes on (the stage is served)
+    result = run_cli(tmp_path, "--preset", "demo-micro", "--set", "ppo.kl_beta=0.5", "--set", "ppo.seed=7")
+    assert result.exit_code == 1, result.output
+    assert f"{ppo_dir} holds a finished ppo stage run with other settings (ppo.kl_beta, ppo.seed)" in \
+        result.output and "another run name" in result.output
+    assert sorted(p.name for p in Path(cfg.run_dir).iterdir()) == ["ppo"]  # nothing ran, nothing was written
+    # a stage this run switches off is not checked
+    gatt_dir = Path(cfg.run_dir) / "gatt"
+    gatt_dir.mkdir()
+    write_result(StageResult(stage="gatt", out_dir=str(gatt_dir), config={"dialogues": 1}))
+    off = Problems()
+    check_finished_stages(cfg, off)
+    assert not off.inputs
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints: sound, corrupt, poisoned; completeness
 # --------------------------------------------------------------------------------------------------------------
