@@ -608,6 +608,13 @@ def _as_dict(record: Any) -> dict:
     raise TypeError(f"cannot write {type(record).__name__}; give dicts or record models")
 
 
+def plain_messages(messages: Iterable[dict]) -> list[dict]:
+    """Messages as ``{"role", "content"}`` dicts in that key order, whatever order they were read in (a samples file
+    written with sorted keys): a data file a stage writes from reused samples then has the same bytes, and so the
+    same content hash, as the one it wrote from fresh ones."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def write_jsonl(records: Iterable[Record | dict], path: str | os.PathLike) -> Path:
     """Write records (models or dicts) as UTF-8 JSONL, atomically; creates parent directories.
 

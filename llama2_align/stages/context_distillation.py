@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import dist
-from ..data import read_records, write_jsonl
+from ..data import plain_messages, read_records, write_jsonl
 from ..errors import InputError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
@@ -177,7 +177,7 @@ def distillation_records(rows: list[dict], targeted: bool, require_finished: boo
         answer = trained_answer(r, targeted, require_finished, not_preferred)
         if answer is not None:
             out.append({"id": f"cd-{i + 1:06d}", "category": r["category"] or "safety",
-                        "messages": r["messages"] + [{"role": "assistant", "content": answer}]})
+                        "messages": plain_messages(r["messages"]) + [{"role": "assistant", "content": answer}]})
     return out
 
 

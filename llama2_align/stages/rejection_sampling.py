@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import dist
 from .. import ppo_core as core
-from ..data import read_records, write_jsonl
+from ..data import plain_messages, read_records, write_jsonl
 from ..errors import InputError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_dir, atomic_write_json
@@ -180,7 +180,7 @@ def run_rejection_sampling(config: RejectionSamplingConfig, inputs: RSInputs, ru
     kept_path = run.out_dir / KEPT_FILE
     if dist.is_main():
         write_jsonl([{"id": f"rs-{p['id'] or p['index']}", "category": "safety" if p["is_safety"] else "helpful",
-                      "messages": p["messages"] + [{"role": "assistant",
+                      "messages": plain_messages(p["messages"]) + [{"role": "assistant",
                                                     "content": p["samples"][p["kept"]]["response"].strip()}]}
                      for p in kept], kept_path)
     dist.barrier()

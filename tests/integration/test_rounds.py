@@ -137,9 +137,10 @@ def _paused(rounds_dir: Path, attempt: int):
         else None
 
 
-def test_a_round_waits_for_labels_refuses_a_bad_file_and_resumes(prefect_server, tmp_path, sft_dir, rm_dirs):
-    """Round 0 is the session's micro SFT and reward models (their finished stage directories, so the run starts
-    at round 1); round 1 collects, writes to_label.jsonl and pauses."""
+def test_a_round_waits_for_labels_refuses_a_bad_file_and_resumes(prefect_server, tmp_path):
+    """Round 0 trains the micro SFT and reward models (a few steps); round 1 collects, writes to_label.jsonl and
+    pauses. (Copying finished stage directories trained with other settings in as round 0 is refused: their results
+    would not be this run's.)"""
     from prefect.flow_runs import resume_flow_run
 
     from llama2_align import demo_annotator
@@ -147,9 +148,6 @@ def test_a_round_waits_for_labels_refuses_a_bad_file_and_resumes(prefect_server,
     from llama2_align.io import read_jsonl
 
     run_dir = tmp_path / "human"
-    for name, src in (("sft", sft_dir), ("reward-helpfulness", rm_dirs["helpfulness"]),
-                      ("reward-safety", rm_dirs["safety"])):
-        shutil.copytree(src, run_dir / name)
     config = tmp_path / "rounds.json"
     config.write_text(json.dumps({"annotation_poll_s": 1, "annotator": "human", "rounds": 1, "methods": ["rs"]}))
     log = open(tmp_path / "run.log", "w")

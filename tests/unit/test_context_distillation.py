@@ -64,6 +64,13 @@ def test_targeted_filter_can_train_on_the_original_answer_where_the_rm_does_not_
     assert (m["kept_targeted"], m["kept_original"]) == (1, 3)
     assert "kept_original" not in summarize(rows, targeted=True, not_preferred="drop")
 
+def test_trained_messages_are_written_alike_from_fresh_and_reused_samples():
+    fresh = _row("I can't help with that.", "Sure!", 1.0, -1.0)
+    reused = json.loads(json.dumps(fresh, sort_keys=True))  # cd_samples.json is written with sorted keys
+    assert [json.dumps(r) for r in distillation_records([fresh], targeted=True)] == \
+        [json.dumps(r) for r in distillation_records([reused], targeted=True)]
+
+
 def test_trained_dialogues_never_hold_the_preprompt():
     rows = [_row("I can't help with that.", "Sure! First get black powder.", 1.0, -1.0)]
     for rec in distillation_records(rows, targeted=False):
