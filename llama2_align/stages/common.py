@@ -242,12 +242,13 @@ def load_result(out_dir: str | Path) -> StageResult | None:
     return result
 
 
-#: Config fields that say how a stage ran, not what it computed: a finished stage is reused whatever their values.
-#: (micro_batch_size: the OOM back-off halves it and keeps the effective batch.)
-#: (enabled: whether the pipeline runs a stage, not what it computes.)
+#: Config fields that say how a stage ran, not what it computed: a finished stage is reused whatever their values
+#: (at any depth; micro_batch_size: the OOM back-off halves it and keeps the effective batch).
 HOW_NOT_WHAT = frozenset({"progress_bar", "num_processes", "keep_checkpoints", "save_steps", "num_samples",
-                          "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "score_batch_size",
-                          "enabled"})
+                          "micro_batch_size", "gradient_checkpointing", "generation_batch_size", "score_batch_size"})
+#: The same, in a stage's own config only: ``enabled`` says whether the pipeline runs the stage (``lora.enabled``
+#: does change what it computes).
+HOW_NOT_WHAT_TOP = frozenset({"enabled"})
 
 
 class FinishedWithOtherSettings(InputError):
@@ -259,7 +260,7 @@ def _differences(a: Any, b: Any, at: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b), key=str):
-            if key in HOW_NOT_WHAT:
+            if key in HOW_NOT_WHAT or (not at and key in HOW_NOT_WHAT_TOP):
                 continue
             where = f"{at}.{key}" if at else str(key)
             if key not in a or key not in b:

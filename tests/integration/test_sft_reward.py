@@ -182,3 +182,5 @@ def test_setting_differences_name_every_field_and_skip_how_a_stage_ran():
     new = {"lr": 1e-3, "progress_bar": False, "lora": {"r": 16, "alpha": 16}, "added": 2}
     assert _differences(old, new) == ["added (not recorded)", "gone (no longer a setting)", "lora.r"]
     assert _differences(old, dict(old, progress_bar=False, num_samples=3)) == []
+    assert _differences({"enabled": True, "lora": {"enabled": False}}, {"enabled": False, "lora": {"enabled": True}}) \
+        == ["lora.enabled"]  # whether a stage runs does not count; LoRA on or off does
