@@ -35,6 +35,17 @@ SHARED_STAGES = ("data", "sft", "reward-helpfulness", "reward-safety")
 assert set(PIPELINE_PRESETS) == set(PRESETS), "presets.py and PipelinePreset name the same presets"
 
 
+#: In ``<run>/data/``: the settings the demo data and tokenizer there were written with (the pre-flight compares them).
+DEMO_DATA_RECORD = "demo_settings.json"
+
+
+def demo_data_record(seed: int, sizes: str, vocab_size: int, dialogues: bool, preprompts: bool,
+                     evasive: bool) -> dict:
+    """What decides the demo world's data and tokenizer in a run directory, as ``data.*`` field names."""
+    return {"demo_seed": seed, "demo_sizes": sizes, "vocab_size": vocab_size, "demo_dialogues": bool(dialogues),
+            "demo_preprompts": bool(preprompts), "demo_evasive_pairs": bool(evasive)}
+
+
 class DataSettings(BaseModel):
     """Where the data comes from: the built-in demo world (default) or your own files (see data_specs/)."""
 

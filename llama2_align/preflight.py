@@ -22,6 +22,7 @@ is about the config itself (the command line exits 2), else an :class:`InputErro
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .data import DataValidationError, read_records
@@ -75,12 +76,28 @@ STAGE_SECTIONS = {"sft": "sft", "reward-helpfulness": "reward_helpfulness", "rew
 
 
 def check_finished_stages(cfg: ResolvedPipeline, problems: Problems) -> None:
-    """Each finished stage directory of the run (the shared upstream ones included) was run with this run's config
-    section: a finished stage is otherwise refused when the run reaches it (``stages.common.check_same_run``), after
-    the stages before it ran. Stages this run does not run (switched off) are not checked."""
-    from .pipeline import SHARED_STAGES
+    """The demo data of a run with a finished SFT stage were written with this run's data settings (a changed seed,
+    size or vocabulary would overwrite them or be ignored), and each finished stage directory of the run (the shared
+    upstream ones included) was run with this run's config section: a finished stage is otherwise refused when the
+    run reaches it (``stages.common.check_same_run``), after the stages before it ran. Stages this run does not run
+    (switched off) are not checked."""
+    from .pipeline import DEMO_DATA_RECORD, SHARED_STAGES, demo_data_record
     from .stages.common import RESULT_FILE, config_differences, load_result
 
+    upstream = Path(cfg.upstream_dir())
+    record = upstream / "data" / DEMO_DATA_RECORD
+    if cfg.data.source == "demo" and record.is_file() and (upstream / "sft" / RESULT_FILE).is_file():
+        d = cfg.data
+        now = demo_data_record(d.demo_seed, d.demo_sizes, d.vocab_size, bool(d.demo_dialogues),
+                               bool(d.demo_preprompts), bool(d.demo_evasive_pairs))
+        try:
+            then = json.loads(record.read_text())
+        except ValueError:
+            then = {}
+        diff = [f"data.{k}" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        if diff:
+            problems.inputs.append(f"{upstream} holds a finished run on demo data made with other settings "
+                                   f"({', '.join(diff)}): use another run name, or delete {upstream} to run it again")
     for name, section in STAGE_SECTIONS.items():
         config = getattr(cfg, section)
         if getattr(config, "enabled", True) is False and not (name == "adherence" and cfg.gatt.enabled):

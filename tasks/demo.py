@@ -9,6 +9,8 @@ from prefect import get_run_logger, task
 
 from llama2_align.demo_dialogues import corpus_texts, write_extended_sft
 from llama2_align.demo_world import DemoSizes, generate_demo_world, write_demo_datasets
+from llama2_align.io import atomic_write_json
+from llama2_align.pipeline import DEMO_DATA_RECORD, demo_data_record
 from llama2_align.tokenizer import train_tokenizer
 
 from .common import RETRIES, retry_transient
@@ -43,5 +45,7 @@ def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro
         texts = generate_demo_world(seed, demo_sizes(sizes)).corpus_texts() + (corpus_texts(extra) if extra else [])
         train_tokenizer(list(dict.fromkeys(texts)), tok_dir, vocab_size, seed=seed)
     paths["tokenizer"] = str(tok_dir)
+    atomic_write_json(Path(out_dir) / "data" / DEMO_DATA_RECORD,
+                      demo_data_record(seed, sizes, vocab_size, dialogues, preprompts, evasive))
     logger.info(f"demo world (seed {seed}, {sizes} sizes): {paths}")
     return paths

@@ -57,6 +57,15 @@ def test_pipeline_micro_runs_reports_and_caches(prefect_server, tmp_path):
     states = _task_states(again.state_details.flow_run_id)
     assert all(states[n] == "Cached" for n in STAGES), states
 
+    # the same run name on another demo seed: refused before anything runs, the finished run's data kept
+    data = tmp_path / "micro" / "data"
+    assert json.loads((data / "demo_settings.json").read_text())["demo_seed"] == 0
+    written = (data / "sft.jsonl").stat().st_mtime_ns
+    other = rlhf_pipeline(config=PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="micro",
+                                                export=True, overrides={"data.demo_seed": 1}), return_state=True)
+    assert other.is_failed() and "demo data made with other settings (data.demo_seed)" in other.message
+    assert (data / "sft.jsonl").stat().st_mtime_ns == written
+
 
 def test_pipeline_names_the_failing_stage(prefect_server, tmp_path):
     from flows.pipeline import rlhf_pipeline

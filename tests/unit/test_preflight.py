@@ -237,6 +237,31 @@ def test_a_finished_stage_run_with_other_settings_is_refused_before_any_stage_ru
     assert not off.inputs
 
 
+def test_demo_data_of_a_finished_run_made_with_other_settings_is_refused(tmp_path):
+    from llama2_align.pipeline import DEMO_DATA_RECORD, demo_data_record, resolve
+    from llama2_align.stages.common import StageResult, write_result
+
+    cfg = resolve(PipelineConfig(preset="demo-micro", runs_root=str(tmp_path / "runs")))
+    data = Path(cfg.run_dir) / "data"
+    data.mkdir(parents=True)
+    (data / DEMO_DATA_RECORD).write_text(json.dumps(demo_data_record(0, "micro", cfg.data.vocab_size, False, False,
+                                                                     False)))
+    from llama2_align.preflight import Problems, check_finished_stages
+
+    before_sft = Problems()  # nothing finished yet: the data are simply written again
+    check_finished_stages(resolve(PipelineConfig(preset="demo-micro", runs_root=str(tmp_path / "runs"),
+                                                 overrides={"data.demo_seed": 3})), before_sft)
+    assert not before_sft.inputs
+    sft = Path(cfg.run_dir) / "sft"
+    sft.mkdir()
+    write_result(StageResult(stage="sft", out_dir=str(sft), config=cfg.sft.model_dump(mode="json")))
+    result = run_cli(tmp_path, "--preset", "demo-micro", "--set", "data.demo_seed=3", "--set", "data.vocab_size=512")
+    assert result.exit_code == 1, result.output
+    assert "holds a finished run on demo data made with other settings (data.demo_seed, data.vocab_size)" in \
+        result.output
+    assert sorted(p.name for p in data.iterdir()) == [DEMO_DATA_RECORD]  # nothing was written
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints: sound, corrupt, poisoned; completeness
 # --------------------------------------------------------------------------------------------------------------
