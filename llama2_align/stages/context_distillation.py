@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -151,33 +150,26 @@ def keep(row: dict, targeted: bool, require_finished: bool = True) -> bool:
     return usable and (not targeted or row["rm_safety_distilled"] > row["rm_safety_original"])
 
 
-def trained_answer(row: dict, targeted: bool, require_finished: bool = True, not_preferred: str = "original"
-                   ) -> str | None:
-    """The answer a row is trained on: the distilled one when :func:`keep` says so; else, targeted with
-    ``not_preferred="original"``, the original answer when it is usable; else None (the row is dropped)."""
+def trained_on(row: dict, targeted: bool, require_finished: bool = True, not_preferred: str = "original"
+               ) -> str | None:
+    """Which answer a row is trained on: ``"distilled"`` when :func:`keep` says so; else, targeted with
+    ``not_preferred="original"``, ``"original"`` when that answer is usable; else None (the row is dropped)."""
     if keep(row, targeted, require_finished):
-        return row["distilled"].strip()
-    if targeted and not_preferred == "original" and _usable(row, "original", require_finished):
-        return row["original"].strip()
-    return None
-
-
-def _trained_on(row: dict, config: ContextDistillationConfig) -> str | None:
-    """"distilled", "original" or None: which answer the row is trained on."""
-    if keep(row, config.targeted, config.require_finished):
         return "distilled"
-    return "original" if trained_answer(row, config.targeted, config.require_finished, config.not_preferred) \
-        else None
+    if targeted and not_preferred == "original" and _usable(row, "original", require_finished):
+        return "original"
+    return None
 
 
 def distillation_records(rows: list[dict], targeted: bool, require_finished: bool = True,
                          not_preferred: str = "original") -> list[dict]:
     out = []
     for i, r in enumerate(rows):
-        answer = trained_answer(r, targeted, require_finished, not_preferred)
-        if answer is not None:
+        which = trained_on(r, targeted, require_finished, not_preferred)
+        if which is not None:
             out.append({"id": f"cd-{i + 1:06d}", "category": r["category"] or "safety",
-                        "messages": plain_messages(r["messages"]) + [{"role": "assistant", "content": answer}]})
+                        "messages": plain_messages(r["messages"]) + [{"role": "assistant",
+                                                                      "content": r[which].strip()}]})
     return out
 
 
@@ -197,8 +189,7 @@ def summarize(rows: list[dict], targeted: bool, require_finished: bool = True, n
          "refusal_rate_original": mean([float(refuses(r["original"])) for r in rows]),
          "refusal_rate_distilled": mean([float(refuses(r["distilled"])) for r in rows])}
     if targeted and not_preferred == "original":
-        m["kept_original"] = sum(trained_answer(r, True, require_finished, not_preferred) is not None
-                                 and not keep(r, True, require_finished) for r in rows)
+        m["kept_original"] = sum(trained_on(r, True, require_finished, not_preferred) == "original" for r in rows)
     for cat in sorted({r["category"] for r in rows if r["category"]}):
         sel = [r for r in rows if r["category"] == cat]
         m[f"kept_targeted_{cat}"] = sum(keep(r, True, require_finished) for r in sel)
@@ -245,7 +236,7 @@ def run_context_distillation(config: ContextDistillationConfig, inputs: ContextD
             {k: r[k] for k in ("category", "preprompt", "original", "distilled", "rm_safety_original",
                                "rm_safety_distilled")} | {
                 "prompt": r["messages"][-1]["content"], "kept": keep(r, config.targeted, config.require_finished),
-                "trained_on": _trained_on(r, config)}
+                "trained_on": trained_on(r, config.targeted, config.require_finished, config.not_preferred)}
             for r in rows[: config.num_samples]])
         artifacts["samples"] = "samples.json"
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=sft.steps, artifacts=artifacts)
