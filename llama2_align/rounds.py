@@ -542,9 +542,9 @@ def rm_accuracy(reward_models: dict[str, str], pairs: str | Path, out: Path, bat
 
 def accuracy_change(before: dict, after: dict, decisive_only: bool = False) -> dict | None:
     """The retrained model's accuracy minus the previous one's on the same pairs, with a 95% paired-bootstrap
-    interval over the pairs (``{"change", "ci"}``); None when the per-pair results are missing or not the same
-    pairs."""
-    from .stats import paired_bootstrap
+    interval over the pairs (``{"change", "ci", "verdict"}``, as the report's other changes); None when the per-pair
+    results are missing or not the same pairs."""
+    from .stats import paired_bootstrap, verdict
 
     b, a = before.get("correct"), after.get("correct")
     if not b or not a or before.get("pair_ids") != after.get("pair_ids"):
@@ -553,7 +553,8 @@ def accuracy_change(before: dict, after: dict, decisive_only: bool = False) -> d
     if not keep:
         return None
     boot = paired_bootstrap([b[i] for i in keep], [a[i] for i in keep])
-    return {"change": round(boot["estimate"], 4), "ci": [round(x, 4) for x in boot["ci"]]}
+    ci = [round(x, 4) for x in boot["ci"]]
+    return {"change": round(boot["estimate"], 4), "ci": ci, "verdict": verdict("accuracy", ci)}
 
 
 def staleness(before: dict, after: dict) -> dict:

@@ -146,15 +146,6 @@ def round_rows(report: dict) -> list[dict[str, str]]:
     return rows
 
 
-def _change(c: dict | None) -> str:
-    """``+0.037 [+0.010, +0.064] better``: an accuracy change with its interval and verdict."""
-    if not c or c.get("ci") is None:
-        return ""
-    lo, hi = c["ci"]
-    word = " better" if lo > 0 else " worse" if hi < 0 else ""
-    return f"{c['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{word}"
-
-
 def staleness_rows(report: dict) -> list[dict[str, str]]:
     """Per round and reward model: the previous model's held-out accuracy, its accuracy on the round's new pairs
     (test pairs, never trained on) and the retrained model's on the same pairs; decisive pairs (not negligibly
@@ -167,8 +158,8 @@ def staleness_rows(report: dict) -> list[dict[str, str]]:
                          "previous RM, new pairs": f"{_v(s.get('before'))} [{_v(s.get('before_decisive'))}]",
                          "retrained RM, new pairs": f"{_v(s.get('after'))} [{_v(s.get('after_decisive'))}]",
                          "decisive pairs": str(s.get("decisive_pairs")),
-                         "retrained - previous": _change(s.get("change")),
-                         "on decisive pairs": _change(s.get("change_decisive"))})
+                         "retrained - previous": _ci(s["change"]) if s.get("change") else "",
+                         "on decisive pairs": _ci(s["change_decisive"]) if s.get("change_decisive") else ""})
     return rows
 
 

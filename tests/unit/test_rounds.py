@@ -185,6 +185,7 @@ def test_rounds_report_tables_and_figure(tmp_path):
     assert [r["round"] for r in rows] == ["0", "1", "2"] and rows[2]["promoted"] == "no"
     assert rows[2]["violation vs prev"].endswith("worse")
     assert staleness_rows(report)[0]["previous RM, new pairs"] == "0.600 [0.620]"
+    assert staleness_rows(report)[0]["retrained - previous"] == ""  # a round without per-pair results
     points = figure_points(report, records)
     assert [(p["x"], p["y"], p["filled"]) for p in points] == [(0.8, 0.4, True), (0.9, 0.5, True),
                                                                 (0.7, 0.3, False)]
@@ -241,7 +242,7 @@ def test_staleness_change_has_a_paired_interval_over_the_pairs():
     ids = [f"p{i}" for i in range(40)]
     before = {"accuracy": 0.5, "pair_ids": ids, "correct": [1, 0] * 20, "decisive": [1] * 20 + [0] * 20}
     same = lib.accuracy_change(before, dict(before))
-    assert same == {"change": 0.0, "ci": [0.0, 0.0]}  # identical answers: no change, no spread
+    assert same == {"change": 0.0, "ci": [0.0, 0.0], "verdict": "no significant change"}  # no change, no spread
     better = dict(before, correct=[1] * 40)  # right on every pair the previous model got wrong
     c = lib.accuracy_change(before, better)
     assert c["change"] == 0.5 and c["ci"][0] > 0
@@ -252,6 +253,6 @@ def test_staleness_change_has_a_paired_interval_over_the_pairs():
     s = lib.staleness({"safety": dict(before, pairs=40, heldout_accuracy=0.9, accuracy_decisive=0.5,
                                       decisive_pairs=20)}, {"safety": dict(better, accuracy=1.0)})
     assert s["safety"]["change"] == c and s["safety"]["change_decisive"] == d
-    from llama2_align.rounds_report import _change
+    from llama2_align.rounds_report import _ci
 
-    assert _change(c).endswith(" better") and _change(same) == "+0.000 [+0.000, +0.000]" and _change(None) == ""
+    assert _ci(c).endswith(" better") and _ci(same) == "+0.000 [+0.000, +0.000]"
