@@ -341,11 +341,16 @@ rounds_app = typer.Typer(help="Iterative RLHF rounds (the rlhf-rounds flow): rou
 app.add_typer(rounds_app, name="rounds", rich_help_panel=PIPELINE_PANEL)
 
 
-def _rounds_config(config, fields: dict, set_, round_set):
-    """The RoundsConfig from a config file and the command line, resolved once to refuse a bad field now."""
+def _rounds_config(config, fields: dict, set_, round_set, check_inputs: bool = True):
+    """The RoundsConfig from a config file and the command line and its pre-flight
+    (``llama2_align.preflight.preflight_rounds``; the config and the run's state alone when not ``check_inputs``).
+    A config problem exits 2, an input problem (a missing file, a bad record, a finished stage run with other
+    settings) exits 1; nothing has been written."""
     from pydantic import ValidationError
 
+    from llama2_align.errors import ConfigError, InputError
     from llama2_align.pipeline import load_config_file, parse_override
+    from llama2_align.preflight import preflight_rounds
     from llama2_align.rounds import RoundsConfig, check_state, resolve_rounds
 
     try:
@@ -358,9 +363,15 @@ def _rounds_config(config, fields: dict, set_, round_set):
         for key, items in (("overrides", set_), ("round_overrides", round_set)):
             base[key] = {**(base.get(key) or {}), **dict(parse_override(i) for i in (items or []))}
         rounds_config = RoundsConfig.model_validate(base)
+        if check_inputs:
+            return rounds_config, preflight_rounds(rounds_config)
         plan = resolve_rounds(rounds_config)
         check_state(plan)
         return rounds_config, plan
+    except ConfigError as err:
+        fail(str(err), EXIT_USAGE)
+    except InputError as err:
+        fail(str(err), EXIT_REFUSED)
     except (ValidationError, ValueError) as err:
         fail(f"invalid rounds config: {err}", EXIT_USAGE)
 
@@ -396,7 +407,7 @@ def rounds(
               "samples_per_prompt": samples_per_prompt, "annotator": annotator, "run_name": run_name,
               "runs_root": runs_root,
               "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None}
-    rounds_config, plan = _rounds_config(config, fields, set_, round_set)
+    rounds_config, plan = _rounds_config(config, fields, set_, round_set, check_inputs=not print_config)
     if print_config:
         typer.echo(json.dumps(plan.model_dump(mode="json"), indent=2))
         return

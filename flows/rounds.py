@@ -20,6 +20,7 @@ from flows.annotation import human_labels
 from flows.post_rlhf import after_rlhf, policies
 from flows.common import Stages, prepare_data, reward_models_concurrently, say, train_reward_models
 from llama2_align import rounds as lib
+from llama2_align.preflight import preflight_rounds
 from llama2_align.stages.collect import CollectInputs
 from llama2_align.stages.evaluate import EvalInputs
 from llama2_align.stages.ppo import PPOInputs
@@ -41,7 +42,7 @@ def rlhf_rounds(config: lib.RoundsConfig = lib.RoundsConfig()) -> dict:
     models -> improve the policy (``methods``: rs, ppo or rs+ppo) -> evaluate -> gate. ``annotator: human`` writes
     each round's pairs to label and waits (resume from the UI with the labelled file's path, or
     ``llama2-align rounds resume RUN --labels FILE``). Returns the rounds report's paths."""
-    plan = lib.resolve_rounds(config)
+    plan = preflight_rounds(config)  # refuses a bad run before round 0: the message is the flow run's state message
     lib.open_state(plan)
     stages = Stages(plan.round0)
     say(f"rounds run {plan.run_dir}: {plan.config.rounds} round(s) {plan.methods} after round 0 "

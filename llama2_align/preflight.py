@@ -1,8 +1,9 @@
 """The pre-flight: everything about a pipeline run that can be checked before any stage runs, in one place.
 
 The command line (``llama2-align run``), the ``rlhf-pipeline`` flow (so also a deployment started from the Prefect
-UI) and the other flows built on the pipeline call :func:`preflight` first. It writes nothing: a refused run leaves
-no run directory behind. What it checks:
+UI) and the other flows built on the pipeline call :func:`preflight` first; ``llama2-align rounds`` and the
+``rlhf-rounds`` flow call :func:`preflight_rounds` (round 0's pipeline, the rounds' prompts and state). It writes
+nothing: a refused run leaves no run directory behind. What it checks:
 
 - the whole config: unknown fields at every level and bad values (``pipeline.resolve``; config files, ``--set`` and
   the Prefect form all arrive as a ``PipelineConfig``, which refuses unknown fields);
@@ -54,6 +55,14 @@ def preflight(config: PipelineConfig) -> ResolvedPipeline:
     """The resolved pipeline, once everything that can be checked before a run holds; raises otherwise."""
     cfg = resolve(config)  # unknown fields and bad values: refused here already, with the field named
     problems = Problems()
+    check_pipeline(config, cfg, problems)
+    problems.raise_if_any()
+    check_memory(cfg)
+    return cfg
+
+
+def check_pipeline(config: PipelineConfig, cfg: ResolvedPipeline, problems: Problems) -> None:
+    """Every check of :func:`preflight` but the memory plan, its problems recorded in ``problems``."""
     check_run_location(config, cfg, problems)
     check_model_inputs(cfg, problems)
     if cfg.data.source == "files":
@@ -63,9 +72,33 @@ def preflight(config: PipelineConfig) -> ResolvedPipeline:
         problems.usage.append(f"{given} given but data.source is 'demo': set data.source=files to use your files")
     check_stage_settings(cfg, problems)
     check_finished_stages(cfg, problems)
+
+
+def preflight_rounds(config):
+    """The resolved rounds plan (``rounds.ResolvedRounds``) of a ``rounds.RoundsConfig``, once what can be checked
+    before round 0 holds: the config (``rounds.resolve_rounds``), round 0's pipeline as :func:`preflight` checks a
+    run (run location, base checkpoint, tokenizer, data files, finished stages and demo data), the rounds' own stage
+    settings, every prompts file of the rounds against the prompts contract (a prompt pool with enough prompts for
+    every round), and a run directory holding a rounds run with another config (``rounds.check_state``): a round
+    that would fail on its prompts is refused now, not after the rounds before it ran."""
+    from .rounds import check_state, resolve_rounds
+
+    plan = resolve_rounds(config)  # the config: refused here already (a ConfigError)
+    problems = Problems()
+    check_pipeline(config.pipeline_config(), plan.round0, problems)
+    check_stage_settings(plan.stages, problems)
+    n, rounds = plan.prompts_per_round, config.rounds
+    for r, path in enumerate(config.prompt_files[:rounds], start=1):
+        _read_checked(f"prompt_files[{r - 1}]", path, "prompts", problems, prefix="")
+    if config.prompt_pool:
+        pool = _read_checked("prompt_pool", config.prompt_pool, "prompts", problems, prefix="")
+        if pool and len(pool) < rounds * n:
+            problems.inputs.append(f"prompt_pool: {config.prompt_pool}: {len(pool)} prompts; {rounds} rounds of "
+                                   f"{n} need {rounds * n} (none used twice)")
     problems.raise_if_any()
-    check_memory(cfg)
-    return cfg
+    check_memory(plan.round0)
+    check_state(plan)
+    return plan
 
 
 #: The pipeline's stage directories and the config section each one runs with.
@@ -177,17 +210,18 @@ def check_data_files(cfg: ResolvedPipeline, problems: Problems) -> None:
                 problems.inputs.append(f"data.eval: {paths}: {err}")
 
 
-def _read_checked(field: str, path: str, kind: str, problems: Problems) -> list:
-    """The records of one data file, or [] with its problems recorded."""
+def _read_checked(field: str, path: str, kind: str, problems: Problems, prefix: str = "data.") -> list:
+    """The records of one data file, or [] with its problems recorded (``prefix`` + ``field`` names the setting)."""
     try:
         return read_records(path, kind)
     except DataValidationError as err:
         shown = [str(i) for i in err.issues[:MAX_SHOWN_ISSUES]]
         more = len(err.issues) - len(shown)
-        problems.inputs.append(f"data.{field}: {path}: {len(err.issues)} problems; nothing was loaded:\n    " +
+        count = f"{len(err.issues)} problem{'s' if len(err.issues) != 1 else ''}"
+        problems.inputs.append(f"{prefix}{field}: {path}: {count}; nothing was loaded:\n    " +
                                "\n    ".join(shown) + (f"\n    ... and {more} more" if more else ""))
     except InputError as err:
-        problems.inputs.append(f"data.{field}: {err}")
+        problems.inputs.append(f"{prefix}{field}: {err}")
     return []
 
 

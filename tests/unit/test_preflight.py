@@ -162,6 +162,27 @@ def test_missing_and_bad_data_files_are_all_reported_with_file_line_and_field(tm
                    tmp_path=tmp_path)
 
 
+def test_a_rounds_run_is_refused_before_round_0_with_every_problem(tmp_path, files_config):
+    """``llama2-align rounds`` checks round 0's pipeline as a run does, and the rounds' own prompts: a missing data
+    file, a bad prompts file of a round and a prompt pool too small for every round are refused together, before
+    anything is written (exit 1)."""
+    bad = tmp_path / "round2.jsonl"
+    bad.write_text('{"id": "p1", "is_safety": false}\n')
+    prompts = str(SPECS / "prompts.sample.jsonl")  # 4 prompts
+    config = {**files_config(sft=str(tmp_path / "missing.jsonl")), "annotator": "human", "rounds": 2,
+              "prompt_files": [prompts, str(bad)]}
+    path = tmp_path / "rounds.json"
+    path.write_text(json.dumps(config))
+    result = runner.invoke(app, ["rounds", "--runs-root", str(tmp_path / "runs"), "--config", str(path)])
+    assert "Traceback" not in result.output, result.output
+    assert_refused(result, 1, "2 problems", "data.sft: ", "missing.jsonl: no such file",
+                   f"prompt_files[1]: {bad}: 1 problem; nothing was loaded", f"{bad}:1: prompt", tmp_path=tmp_path)
+    pooled = {**files_config(), "annotator": "human", "rounds": 2, "prompts_per_round": 3, "prompt_pool": prompts}
+    path.write_text(json.dumps(pooled))
+    result = runner.invoke(app, ["rounds", "--runs-root", str(tmp_path / "runs"), "--config", str(path)])
+    assert_refused(result, 1, f"prompt_pool: {prompts}: 4 prompts; 2 rounds of 3 need 6", tmp_path=tmp_path)
+
+
 def test_preferences_without_safety_pairs_are_refused(tmp_path, files_config):
     result = run_cli(tmp_path, config=files_config(preferences=str(SPECS / "hh_rlhf.sample.jsonl")))
     assert_refused(result, 1, "no safety pairs", tmp_path=tmp_path)
