@@ -69,7 +69,11 @@ DEMO_GATT = {"dialogues": 768, "max_new_tokens": 24, "generation_batch_size": 12
              "score_batch_size": 128}
 # Context distillation samples at temperature 0.7 (at 1.0 the targeted variant's violation rate did not fall on seed 0,
 # +0.003 [-0.007, +0.014]; at 0.7 it fell on seeds 1 and 2; bench/README.md "Context distillation's sampling").
+# The demo also distils on the helpful prompts and fine-tunes 4 epochs (not 2): 4 epochs on the red-team prompts alone
+# lowered violations on seed 0 (-0.011 [-0.019, -0.003]) and cost 4.5 points of helpfulness; with the helpful prompts
+# beside them (the safety RM keeps no refusal there) violations fell on seeds 0, 1 and 2 and helpfulness rose.
 DEMO_CONTEXT_DISTILLATION = {"samples_per_prompt": 2, "temperature": 0.7, "max_new_tokens": 24,
+                             "categories": ["adversarial", "borderline", "helpful"],
                              "generation_batch_size": 128, "score_batch_size": 128}
 DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 24, "batch_size": 128, "score_batch_size": 128,
                   "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES}
@@ -93,7 +97,7 @@ DEMO = {
     "sft.max_length": 512,
     **section("gatt", DEMO_GATT), **section("gatt.sft", DEMO_POST_SFT),
     **section("context_distillation", DEMO_CONTEXT_DISTILLATION),
-    **section("context_distillation.sft", DEMO_POST_SFT),
+    **section("context_distillation.sft", {**DEMO_POST_SFT, "epochs": 4}),
     **section("adherence", DEMO_ADHERENCE),
 }
 
