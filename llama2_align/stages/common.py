@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from .. import dist
 from ..errors import InputError
@@ -255,20 +255,38 @@ class FinishedWithOtherSettings(InputError):
     """A finished stage directory whose result.json records another config or other inputs than the call's."""
 
 
-def _differences(a: Any, b: Any, at: str = "") -> list[str]:
-    """The dotted paths where two JSON values differ (a key on one side only counts)."""
+def _differences(a: Any, b: Any, at: str = "", defaults: Any = None) -> list[str]:
+    """The dotted paths where two JSON values differ (a key on one side only counts, except a key ``a`` did not
+    record whose value in ``b`` is its default in ``defaults``: a setting added after ``a`` was recorded, at the
+    default that keeps what ran before)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
+        defaults = defaults if isinstance(defaults, dict) else {}
         for key in sorted(set(a) | set(b), key=str):
             if key in HOW_NOT_WHAT or (not at and key in HOW_NOT_WHAT_TOP):
                 continue
             where = f"{at}.{key}" if at else str(key)
+            if key not in a and key in defaults and b[key] == defaults[key]:
+                continue
             if key not in a or key not in b:
                 out.append(f"{where} ({'not recorded' if key not in a else 'no longer a setting'})")
             else:
-                out += _differences(a[key], b[key], where)
+                out += _differences(a[key], b[key], where, defaults.get(key))
         return out
     return [] if a == b else [at or "(value)"]
+
+
+def _field_defaults(model: BaseModel) -> dict:
+    """Each field's default (JSON), nested models' fields under their own names, as ``model_dump`` lays them out."""
+    out = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = _field_defaults(value)
+        elif not info.is_required():
+            out[name] = _plain(TypeAdapter(info.annotation).dump_python(
+                info.get_default(call_default_factory=True), mode="json"))
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -288,7 +306,7 @@ def _hashes(fingerprints: Any) -> Any:
 
 def config_differences(done: StageResult, config: BaseModel) -> list[str]:
     """The config fields (dotted) where a finished stage's recorded config differs from ``config``."""
-    return _differences(_plain(done.config), _plain(config.model_dump(mode="json")))
+    return _differences(_plain(done.config), _plain(config.model_dump(mode="json")), defaults=_field_defaults(config))
 
 
 def check_same_run(done: StageResult, config: BaseModel, inputs: BaseModel, out_dir: str | Path) -> None:
@@ -297,7 +315,8 @@ def check_same_run(done: StageResult, config: BaseModel, inputs: BaseModel, out_
     stage re-run after its directory was deleted)."""
     config_diff = config_differences(done, config)
     input_diff = _differences(_hashes(_plain(done.inputs)),
-                              _hashes(_plain(input_fingerprints(inputs.model_dump(mode="json")))))
+                              _hashes(_plain(input_fingerprints(inputs.model_dump(mode="json")))),
+                              defaults=_field_defaults(inputs))
     if not config_diff and not input_diff:
         return
     what = [f"config: {', '.join(config_diff[:8])}{' ...' if len(config_diff) > 8 else ''}"] if config_diff else []

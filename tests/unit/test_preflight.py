@@ -27,8 +27,8 @@ from flows.cli import app
 from llama2_align.errors import InputError
 from llama2_align.io import run_lock
 from llama2_align.pipeline import PipelineConfig
-from llama2_align.stages.common import (IncompleteStageError, StageOutput, StageRun, checkpoint_problem, load_result,
-                                        stage)
+from llama2_align.stages.common import (FinishedWithOtherSettings, IncompleteStageError, StageOutput, StageRun,
+                                        checkpoint_problem, load_result, stage)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPECS = ROOT / "data_specs"
@@ -256,6 +256,27 @@ def test_a_finished_stage_run_with_other_settings_is_refused_before_any_stage_ru
     off = Problems()
     check_finished_stages(cfg, off)
     assert not off.inputs
+
+
+def test_a_setting_added_after_a_stage_ran_counts_only_away_from_its_default(tmp_path):
+    """A finished stage recorded before a setting existed is served while the setting is at its default (which keeps
+    what ran then), and refused once it is set to something else; the same for an input that was not recorded."""
+    from llama2_align.stages.common import StageResult, check_same_run, config_differences
+    from llama2_align.stages.gatt import GAttConfig, GAttInputs
+
+    config = GAttConfig()
+    recorded = config.model_dump(mode="json")
+    del recorded["temperature"]  # as a stage that ran before the setting existed recorded it
+    recorded["sft"].pop("packing")  # a nested one too
+    done = StageResult(stage="gatt", out_dir=str(tmp_path), config=recorded, inputs={"policy": "tiny",
+                                                                                       "prompts": "p.jsonl"})
+    assert config_differences(done, config) == []
+    check_same_run(done, config, GAttInputs(policy="tiny", prompts="p.jsonl"), tmp_path)  # served
+    assert config_differences(done, config.model_copy(update={"temperature": 0.7})) == ["temperature (not recorded)"]
+    packed = config.model_copy(update={"sft": config.sft.model_copy(update={"packing": True})})
+    assert config_differences(done, packed) == ["sft.packing (not recorded)"]
+    with pytest.raises(FinishedWithOtherSettings, match="inputs changed: reward_helpfulness"):
+        check_same_run(done, config, GAttInputs(policy="tiny", prompts="p.jsonl", reward_helpfulness="rm"), tmp_path)
 
 
 def test_demo_data_of_a_finished_run_made_with_other_settings_is_refused(tmp_path):
