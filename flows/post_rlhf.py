@@ -36,8 +36,11 @@ def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, re
         if cd["metrics"].get("untargeted_final"):
             out[UNTARGETED] = cd["metrics"]["untargeted_final"]
     if cfg.gatt.enabled:
-        gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt, GAttInputs(policy=policy, prompts=prompts,
-                                                                        reward_helpfulness=reward_helpfulness),
+        # the safety RM only when it picks answers (safety turns): otherwise the stage's inputs stay as they were
+        picks_safety = cfg.gatt.safety_share > 0 and cfg.gatt.samples_per_turn > 1
+        gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt,
+                          GAttInputs(policy=policy, prompts=prompts, reward_helpfulness=reward_helpfulness,
+                                     reward_safety=reward_safety if picks_safety else None),
                           stages.dir(f"{prefix}gatt"))
         out["gatt"] = gatt["final"]
     return out

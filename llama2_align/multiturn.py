@@ -204,24 +204,40 @@ def make_dialogues(prompts: Sequence[str], n: int, min_turns: int, max_turns: in
                    max_constraints: int = 2, short_rate: float = 0.5,
                    satisfiable: Callable[[Instruction, str], bool] | None = None,
                    tries: int = 50, kinds: Sequence[str] = CONSTRAINT_KINDS,
-                   values: Mapping[str, Sequence[str]] | None = None) -> list[dict]:
+                   values: Mapping[str, Sequence[str]] | None = None,
+                   safety_prompts: Sequence[str] = (), safety_share: float = 0.0) -> list[dict]:
     """``n`` dialogues ``{"turns": [prompt, ...], "instruction": Instruction.to_dict()}``: each a random number of
     turns in ``[min_turns, max_turns]``, every turn a prompt drawn from ``prompts`` (no prompt twice in a dialogue
     when there are enough), and a random instruction (of the constraint ``kinds``) that ``satisfiable(instruction,
     prompt)`` accepts for every turn (re-drawn up to ``tries`` times; after that the turns are re-drawn).
-    Deterministic for a seed."""
+    With ``safety_share`` > 0, each turn is drawn from ``safety_prompts`` with that probability instead, and the
+    dialogue says which turns were (``"safety": [bool, ...]``). Deterministic for a seed."""
     if not prompts:
         raise InputError("multi-turn dialogues need at least one prompt, got none")
     if not 1 <= min_turns <= max_turns:
         raise InputError(f"turns: expected 1 <= min_turns <= max_turns, got {min_turns} and {max_turns}")
+    if safety_share and not safety_prompts:
+        raise InputError(f"safety_share {safety_share}: the dialogues need safety prompts, got none")
     rng = random.Random(f"llama2-align-dialogues:{seed}")
     out = []
     while len(out) < n:
         k = rng.randint(min_turns, max_turns)
-        turns = rng.sample(list(prompts), k) if len(prompts) >= k else [rng.choice(prompts) for _ in range(k)]
+        if safety_share:
+            safety = [rng.random() < safety_share for _ in range(k)]
+            plain = iter(_draw(rng, prompts, safety.count(False)))
+            risky = iter(_draw(rng, safety_prompts, safety.count(True)))
+            turns = [next(risky) if s else next(plain) for s in safety]
+        else:
+            turns = _draw(rng, prompts, k)
         for _ in range(tries):
             inst = sample_instruction(rng, max_constraints, short_rate, kinds, values)
             if satisfiable is None or all(satisfiable(inst, t) for t in turns):
-                out.append({"turns": turns, "instruction": inst.to_dict()})
+                out.append({"turns": turns, "instruction": inst.to_dict()} |
+                           ({"safety": safety} if safety_share else {}))
                 break
     return out
+
+
+def _draw(rng: random.Random, prompts: Sequence[str], k: int) -> list[str]:
+    """``k`` prompts, none twice when there are enough."""
+    return rng.sample(list(prompts), k) if len(prompts) >= k else [rng.choice(prompts) for _ in range(k)]

@@ -1,14 +1,15 @@
 """Ghost Attention (GAtt, Llama 2 §3.3): keep a system instruction alive over a whole dialogue.
 
-1. build    dialogues of independent questions (the prompts file's non-safety prompts, 1..``max_turns`` turns) and
-            give each an instruction ``inst`` (``multiturn``: checkable constraints combined at random, half the time
-            shortened);
+1. build    dialogues of independent questions (the prompts file's non-safety prompts, 1..``max_turns`` turns; with
+            ``safety_share`` > 0 that share of the turns from its safety prompts) and give each an instruction
+            ``inst`` (``multiturn``: checkable constraints combined at random, half the time shortened);
 2. sample   every assistant turn from the latest policy with ``inst`` concatenated to every user turn
             (``concat_template``), turn by turn, so each answer sees the earlier sampled answers (with
             ``sample_context="turn"``, its own user turn alone: the dialogues' questions are independent, and a small
             policy's answers late in a long context are mostly wrong, so GAtt would teach wrong answers); with
             ``samples_per_turn`` k > 1, k answers per turn and the dialogue goes on with the obeying one the
-            helpfulness RM scores highest (best of k, as rejection sampling: GAtt teaches whatever it samples);
+            helpfulness RM scores highest (best of k, as rejection sampling: GAtt teaches whatever it samples; a
+            safety turn's by the safety RM, Llama 2's reward switch);
 3. rebuild  the dialogue with ``inst`` only in the first turn, as the system prompt of the Llama 2 format;
 4. train    with zero loss on every token of the earlier turns (earlier answers included) and full loss on the last
             answer: the SFT stage with ``loss_on="last_answer"`` (``<out_dir>/sft``, which resumes by itself). By
@@ -91,7 +92,11 @@ class GAttConfig(InstructionSettings):
     require_finished: bool = Field(True, description="keep only examples whose every answer ended with EOS")
     samples_per_turn: int = Field(1, ge=1, description="answers sampled per turn; with more than one, the turn keeps "
                                                         "the obeying, finished answer the helpfulness RM scores "
-                                                        "highest (best of k, as rejection sampling)")
+                                                        "highest (best of k, as rejection sampling; a safety turn: "
+                                                        "the safety RM)")
+    safety_share: float = Field(0.0, ge=0, lt=1, description="share of the dialogues' turns drawn from the prompts "
+                                                             "file's safety prompts (is_safety), so that GAtt also "
+                                                             "trains safe answers under an instruction")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(64, ge=1)
@@ -107,8 +112,10 @@ class GAttInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: str  # the latest policy (after a round of RLHF)
-    prompts: str  # kind "prompts": the dialogues' questions are its non-safety prompts
+    prompts: str  # kind "prompts": the dialogues' questions are its non-safety prompts (and, with safety_share, its
+    #               safety prompts)
     reward_helpfulness: str | None = None  # needed when samples_per_turn > 1
+    reward_safety: str | None = None  # needed when samples_per_turn > 1 and safety_share > 0
 
 
 def dialogue_messages(turns: Sequence[str], answers: Sequence[str], inst: str | None, template: str | None = None
@@ -167,21 +174,27 @@ def _sampling_key(config: GAttConfig) -> dict:
     return config.model_dump(include={"dialogues", "min_turns", "max_turns", "max_constraints", "short_rate",
                                       "constraint_kinds", "constraint_values", "concat_template",
                                       "sample_context", "samples_per_turn", "temperature", "top_p",
-                                      "max_new_tokens", "seed"})
+                                      "max_new_tokens", "seed"} | ({"safety_share"} if config.safety_share else set()))
 
 
 def build_dialogues(config: GAttConfig, prompts_path: str) -> list[dict]:
-    """The synthetic dialogues: non-safety prompts chained into 1..max_turns turns, each with an instruction that
-    some good answer to each of its turns can obey (checked for demo-world prompts)."""
+    """The synthetic dialogues: non-safety prompts (and ``safety_share`` of the turns safety prompts) chained into
+    1..max_turns turns, each with an instruction that some good answer to each of its turns can obey (checked for
+    demo-world prompts; a refusal is a safety prompt's good answer)."""
     from ..demo_dialogues import satisfiable
 
     records = read_records(prompts_path, "prompts")
     texts = [r.prompt for r in records if not r.is_safety and r.prompt is not None]
     if not texts:
         raise InputError(f"{prompts_path}: GAtt needs single-turn prompts with is_safety false, found none")
+    risky = [r.prompt for r in records if r.is_safety and r.prompt is not None]
+    if config.safety_share and not risky:
+        raise InputError(f"{prompts_path}: gatt.safety_share {config.safety_share} needs single-turn prompts with "
+                         "is_safety true, found none")
     return make_dialogues(texts, config.dialogues, config.min_turns, config.max_turns, config.seed,
                           config.max_constraints, config.short_rate, satisfiable=satisfiable,
-                          kinds=config.constraint_kinds, values=config.constraint_values)
+                          kinds=config.constraint_kinds, values=config.constraint_values, safety_prompts=risky,
+                          safety_share=config.safety_share)
 
 
 def best_of(inst: Instruction, texts: Sequence[str], finished: Sequence[bool], scores: Sequence[float]) -> int:
@@ -200,6 +213,33 @@ def picking_model(config: GAttConfig, inputs: GAttInputs) -> str | None:
     return inputs.reward_helpfulness if config.samples_per_turn > 1 else None
 
 
+def safety_picking_model(config: GAttConfig, inputs: GAttInputs) -> str | None:
+    """The safety RM that picks the best answer of a safety turn; None without safety turns or with one answer."""
+    return inputs.reward_safety if config.samples_per_turn > 1 and config.safety_share else None
+
+
+def pick_answers(t: int, candidates: Sequence[tuple[dict, Sequence[str], Sequence[bool]]], score_helpfulness,
+                 score_safety=None) -> list[int]:
+    """For every live dialogue of turn ``t``, the index of the answer it goes on with (:func:`best_of`): scored by
+    ``score_helpfulness(questions, answers)``, or for a safety turn (``dialogue["safety"][t]``) by
+    ``score_safety``; each scorer is called once for the whole turn, each answer with its question alone."""
+    safety = [bool(score_safety) and bool(d.get("safety", [False] * (t + 1))[t]) for d, _, _ in candidates]
+    scores: list[list[float]] = [[] for _ in candidates]
+    for use_safety, score in ((False, score_helpfulness), (True, score_safety)):
+        which = [n for n, s in enumerate(safety) if s == use_safety]
+        if not which:
+            continue
+        flat = score([candidates[n][0]["turns"][t] for n in which for _ in candidates[n][1]],
+                     [x for n in which for x in candidates[n][1]])
+        at = 0
+        for n in which:
+            k = len(candidates[n][1])
+            scores[n] = list(flat[at:at + k])
+            at += k
+    return [best_of(Instruction.from_dict(d["instruction"]), texts, finished, scores[n])
+            for n, (d, texts, finished) in enumerate(candidates)]
+
+
 def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> dict:
     """Steps 1-2: build the dialogues and sample every answer with inst in every user turn (best of
     ``samples_per_turn`` by the helpfulness RM, the question alone as its context, when more than one)."""
@@ -209,22 +249,16 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> d
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, batch_size=config.generation_batch_size, seed=config.seed)
     choose = None
-    rm = picking_model(config, inputs)
+    rm, rm_safety = picking_model(config, inputs), safety_picking_model(config, inputs)
     if rm is not None:
         from .reward import RewardScorer
 
-        scorer = RewardScorer(rm, batch_size=config.score_batch_size)
+        helpful = RewardScorer(rm, batch_size=config.score_batch_size)
+        safe = RewardScorer(rm_safety, batch_size=config.score_batch_size) if rm_safety else None
 
         def choose(t: int, candidates: Sequence[tuple[dict, Sequence[str], Sequence[bool]]]) -> list[int]:
-            # the whole turn in one scoring pass: every live dialogue's k answers, each with its question alone
-            scores = scorer.score([d["turns"][t] for d, texts, _ in candidates for _ in texts],
-                                  [x for _, texts, _ in candidates for x in texts]).tolist()
-            picks, at = [], 0
-            for d, texts, finished in candidates:
-                picks.append(best_of(Instruction.from_dict(d["instruction"]), texts, finished,
-                                     scores[at:at + len(texts)]))
-                at += len(texts)
-            return picks
+            return pick_answers(t, candidates, lambda q, a: helpful.score(q, a).tolist(),
+                                (lambda q, a: safe.score(q, a).tolist()) if safe else None)
 
     rolled = roll_dialogues(policy, tokenizer, dialogues, settings, template=config.concat_template,
                             progress=lambda t, n: run.report(t, n, {"sampling_turn": t}),
@@ -233,7 +267,7 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> d
         d.update(r)
         d["obeyed"] = [Instruction.from_dict(d["instruction"]).holds(a) for a in r["answers"]]
     return {"sampling": _sampling_key(config), "policy": inputs.policy,
-            "reward_helpfulness": rm,
+            "reward_helpfulness": rm, **({"reward_safety": rm_safety} if rm_safety else {}),
             "dialogues": dialogues}
 
 
@@ -292,9 +326,13 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
     if config.samples_per_turn > 1 and not inputs.reward_helpfulness:
         raise InputError(f"gatt: samples_per_turn {config.samples_per_turn} picks the best answer by the helpfulness "
                          f"reward model, and none was given")
-    rm = picking_model(config, inputs)
+    if config.samples_per_turn > 1 and config.safety_share and not inputs.reward_safety:
+        raise InputError(f"gatt: safety_share {config.safety_share} with samples_per_turn {config.samples_per_turn} "
+                         "picks a safety turn's answer by the safety reward model, and none was given")
+    rm, rm_safety = picking_model(config, inputs), safety_picking_model(config, inputs)
     doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
-                      and d.get("policy") == inputs.policy and d.get("reward_helpfulness") == rm,
+                      and d.get("policy") == inputs.policy and d.get("reward_helpfulness") == rm
+                      and d.get("reward_safety") == rm_safety,
                       lambda: sample_dialogues(config, inputs, run))
     kept, dropped = training_records(doc, config, load_tokenizer(inputs.policy))
     metrics = summarize(doc, kept, dropped)

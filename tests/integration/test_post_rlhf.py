@@ -24,7 +24,7 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
                          context_distillation=True,
                          overrides={"context_distillation.compare_untargeted": True, "sft.max_steps": 10,
                                     "reward_helpfulness.max_steps": 2, "reward_safety.max_steps": 2,
-                                    "ppo.iterations": 1})
+                                    "ppo.iterations": 1, "gatt.safety_share": 0.5})
     state = rlhf_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
     run = tmp_path / "post"
@@ -67,6 +67,11 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
                                                                    if k.startswith("dropped_")) == g["turns_sampled"]
     samples = json.loads((run / "gatt" / "gatt_samples.json").read_text())
     assert samples["reward_helpfulness"].endswith("reward-helpfulness/final")
+    # gatt.safety_share: about half the turns are the prompts file's safety prompts, picked by the safety RM
+    assert samples["reward_safety"].endswith("reward-safety/final")
+    safety_prompts = {r.prompt for r in read_records(run / "data" / "ppo_prompts.jsonl", "prompts") if r.is_safety}
+    flags = [(t in safety_prompts, f) for d in samples["dialogues"] for t, f in zip(d["turns"], d["safety"])]
+    assert all(a == b for a, b in flags) and 0 < sum(f for _, f in flags) < len(flags)
 
     # the report: each stage against the policy it started from; adherence by turn with the plot
     assert {k: v["vs"] for k, v in report["added_stages"].items()} == {"cd": "ppo", "cd-untargeted": "ppo",

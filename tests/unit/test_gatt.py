@@ -114,6 +114,24 @@ def test_make_dialogues_respects_turns_and_satisfiable_and_is_deterministic():
         make_dialogues(prompts, 1, 3, 2, seed=0)
 
 
+def test_dialogues_draw_a_share_of_their_turns_from_the_safety_prompts():
+    """``safety_share``: each turn comes from the safety prompts with that probability, the dialogue marks which;
+    without it the dialogues are exactly those of before (same draws, no marks)."""
+    prompts = [f"question {i}?" for i in range(30)]
+    risky = [f"How do I break into house {i}?" for i in range(30)]
+    ds = make_dialogues(prompts, 400, 1, 8, seed=3, safety_prompts=risky, safety_share=0.25)
+    flags = [f for d in ds for f in d["safety"]]
+    assert abs(sum(flags) / len(flags) - 0.25) < 0.03
+    for d in ds:
+        assert len(d["safety"]) == len(d["turns"])
+        assert all((t in risky) == f and (t in prompts) == (not f) for t, f in zip(d["turns"], d["safety"]))
+    assert ds == make_dialogues(prompts, 400, 1, 8, seed=3, safety_prompts=risky, safety_share=0.25)
+    plain = make_dialogues(prompts, 50, 1, 8, seed=3, safety_prompts=risky)
+    assert all("safety" not in d for d in plain) and plain == make_dialogues(prompts, 50, 1, 8, seed=3)
+    with pytest.raises(InputError, match="safety prompts"):
+        make_dialogues(prompts, 1, 1, 2, seed=0, safety_share=0.5)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The demo world's extra SFT data and the adherence judge
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,6 +404,33 @@ def test_best_of_keeps_the_obeying_finished_answer_the_reward_model_prefers():
     assert best_of(inst, ["", "x"], [False, False], [5.0, 1.0]) == 0
 
 
+def test_a_safety_turns_answer_is_picked_by_the_safety_reward_model():
+    """Llama 2's reward switch in GAtt's best of k: a safety turn's answers are scored by the safety RM, the others'
+    by the helpfulness RM, each scorer once for the whole turn with every answer's own question."""
+    from llama2_align.stages.gatt import pick_answers
+
+    inst = Instruction((START,)).to_dict()
+    plain = {"turns": ["What color is a banana?"], "instruction": inst, "safety": [False]}
+    risky = {"turns": ["How do I build a bomb?"], "instruction": inst, "safety": [True]}
+    comply, refuse = "Indeed, mix these two things.", "Indeed, I cannot help with that."
+    calls = []
+
+    def scorer(name, table):
+        def score(questions, answers):
+            calls.append((name, list(questions)))
+            return [table[a] for a in answers]
+        return score
+
+    helpfulness = scorer("helpfulness", {comply: 2.0, refuse: -1.0, "Indeed, yellow.": 1.0, "Indeed, blue.": 0.0})
+    safety = scorer("safety", {comply: -3.0, refuse: 1.0})
+    candidates = [(plain, ["Indeed, blue.", "Indeed, yellow."], [True, True]),
+                  (risky, [comply, refuse], [True, True])]
+    assert pick_answers(0, candidates, helpfulness, safety) == [1, 1]
+    assert calls == [("helpfulness", ["What color is a banana?"] * 2), ("safety", ["How do I build a bomb?"] * 2)]
+    # without a safety scorer every turn is the helpfulness RM's (which prefers the compliance here)
+    assert pick_answers(0, candidates, helpfulness) == [1, 0]
+
+
 def test_gatt_best_of_k_needs_the_helpfulness_reward_model(tmp_path):
     from llama2_align.errors import InputError
     from llama2_align.stages.gatt import GAttConfig, GAttInputs, run_gatt
@@ -393,3 +438,7 @@ def test_gatt_best_of_k_needs_the_helpfulness_reward_model(tmp_path):
     with pytest.raises(InputError, match="helpfulness reward model"):
         run_gatt(GAttConfig(samples_per_turn=4), GAttInputs(policy=str(tmp_path), prompts=str(tmp_path / "p.jsonl")),
                  tmp_path / "gatt")
+    with pytest.raises(InputError, match="safety turn's answer by the safety reward model"):
+        run_gatt(GAttConfig(samples_per_turn=4, safety_share=0.25),
+                 GAttInputs(policy=str(tmp_path), prompts=str(tmp_path / "p.jsonl"), reward_helpfulness=str(tmp_path)),
+                 tmp_path / "gatt2")
