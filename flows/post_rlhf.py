@@ -8,7 +8,7 @@ from __future__ import annotations
 from flows.common import Stages
 from llama2_align.stages.adherence import AdherenceInputs
 from llama2_align.stages.context_distillation import ContextDistillationInputs
-from llama2_align.stages.gatt import GAttInputs
+from llama2_align.stages.gatt import GAttInputs, uses_safety_rm
 from tasks.adherence import adherence_task
 from tasks.context_distillation import context_distillation_task
 from tasks.gatt import gatt_task
@@ -37,10 +37,9 @@ def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, re
             out[UNTARGETED] = cd["metrics"]["untargeted_final"]
     if cfg.gatt.enabled:
         # the safety RM only when it picks answers (safety turns): otherwise the stage's inputs stay as they were
-        picks_safety = cfg.gatt.safety_share > 0 and cfg.gatt.samples_per_turn > 1
         gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt,
                           GAttInputs(policy=policy, prompts=prompts, reward_helpfulness=reward_helpfulness,
-                                     reward_safety=reward_safety if picks_safety else None),
+                                     reward_safety=reward_safety if uses_safety_rm(cfg.gatt) else None),
                           stages.dir(f"{prefix}gatt"))
         out["gatt"] = gatt["final"]
     return out

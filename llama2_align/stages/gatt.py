@@ -174,7 +174,9 @@ def _sampling_key(config: GAttConfig) -> dict:
     return config.model_dump(include={"dialogues", "min_turns", "max_turns", "max_constraints", "short_rate",
                                       "constraint_kinds", "constraint_values", "concat_template",
                                       "sample_context", "samples_per_turn", "temperature", "top_p",
-                                      "max_new_tokens", "seed"} | ({"safety_share"} if config.safety_share else set()))
+                                      "max_new_tokens", "seed"}
+                             # at 0 (the default) as before it existed: samples drawn before stay reusable
+                             | ({"safety_share"} if config.safety_share else set()))
 
 
 def build_dialogues(config: GAttConfig, prompts_path: str) -> list[dict]:
@@ -213,9 +215,14 @@ def picking_model(config: GAttConfig, inputs: GAttInputs) -> str | None:
     return inputs.reward_helpfulness if config.samples_per_turn > 1 else None
 
 
+def uses_safety_rm(config: GAttConfig) -> bool:
+    """Whether the safety RM picks answers: safety turns (``safety_share``) and best of k > 1."""
+    return config.samples_per_turn > 1 and config.safety_share > 0
+
+
 def safety_picking_model(config: GAttConfig, inputs: GAttInputs) -> str | None:
     """The safety RM that picks the best answer of a safety turn; None without safety turns or with one answer."""
-    return inputs.reward_safety if config.samples_per_turn > 1 and config.safety_share else None
+    return inputs.reward_safety if uses_safety_rm(config) else None
 
 
 def pick_answers(t: int, candidates: Sequence[tuple[dict, Sequence[str], Sequence[bool]]], score_helpfulness,
@@ -326,7 +333,7 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
     if config.samples_per_turn > 1 and not inputs.reward_helpfulness:
         raise InputError(f"gatt: samples_per_turn {config.samples_per_turn} picks the best answer by the helpfulness "
                          f"reward model, and none was given")
-    if config.samples_per_turn > 1 and config.safety_share and not inputs.reward_safety:
+    if uses_safety_rm(config) and not inputs.reward_safety:
         raise InputError(f"gatt: safety_share {config.safety_share} with samples_per_turn {config.samples_per_turn} "
                          "picks a safety turn's answer by the safety reward model, and none was given")
     rm, rm_safety = picking_model(config, inputs), safety_picking_model(config, inputs)
