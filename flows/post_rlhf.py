@@ -50,7 +50,7 @@ def adherence(stages: Stages, checkpoints: dict[str, str], eval_prompts: str, re
     """The multi-turn evaluation of every policy checkpoint (the untargeted comparison aside), against the policy
     GAtt started from; None when neither GAtt nor the evaluation itself is enabled."""
     cfg = stages.cfg
-    if not (cfg.gatt.enabled or cfg.adherence.enabled):
+    if not cfg.runs_adherence():
         return None
     kept = policies(checkpoints)
     names = list(kept)

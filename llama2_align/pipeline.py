@@ -98,6 +98,10 @@ class ResolvedPipeline(BaseModel):
     gatt: GAttConfig = Field(default_factory=GAttConfig)
     adherence: AdherenceConfig = Field(default_factory=AdherenceConfig)
 
+    def runs_adherence(self) -> bool:
+        """The multi-turn evaluation runs whenever GAtt does, or on its own switch."""
+        return self.gatt.enabled or self.adherence.enabled
+
 
 class PipelineConfig(BaseModel):
     """Run the Llama 2 alignment recipe. Pick a preset; override any field as ``"section.field": value``."""

@@ -133,7 +133,7 @@ def check_finished_stages(cfg: ResolvedPipeline, problems: Problems) -> None:
                                    f"({', '.join(diff)}): use another run name, or delete {upstream} to run it again")
     for name, section in STAGE_SECTIONS.items():
         config = getattr(cfg, section)
-        if getattr(config, "enabled", True) is False and not (name == "adherence" and cfg.gatt.enabled):
+        if not (cfg.runs_adherence() if name == "adherence" else getattr(config, "enabled", True)):
             continue
         where = Path(cfg.upstream_dir() if name in SHARED_STAGES else cfg.run_dir) / name
         if not (where / RESULT_FILE).is_file():
