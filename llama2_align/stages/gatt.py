@@ -230,7 +230,7 @@ def pick_answers(t: int, candidates: Sequence[tuple[dict, Sequence[str], Sequenc
     """For every live dialogue of turn ``t``, the index of the answer it goes on with (:func:`best_of`): scored by
     ``score_helpfulness(questions, answers)``, or for a safety turn (``dialogue["safety"][t]``) by
     ``score_safety``; each scorer is called once for the whole turn, each answer with its question alone."""
-    safety = [bool(score_safety) and bool(d.get("safety", [False] * (t + 1))[t]) for d, _, _ in candidates]
+    safety = [score_safety is not None and bool(d.get("safety") and d["safety"][t]) for d, _, _ in candidates]
     scores: list[list[float]] = [[] for _ in candidates]
     for use_safety, score in ((False, score_helpfulness), (True, score_safety)):
         which = [n for n, s in enumerate(safety) if s == use_safety]
