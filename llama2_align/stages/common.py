@@ -126,18 +126,20 @@ class StageRun:
             self.progress({"stage": self.name, "warning": message})
 
     def samples(self, file_name: str, fits: Callable[[dict], bool], make: Callable[[], dict]) -> dict:
-        """A stage's expensive samples (generations, scores) kept in ``out_dir/file_name``: the file's document when it
-        ``fits`` (same sampling settings, same policy), else ``make()``, written atomically by rank 0. A stage killed
-        after sampling resumes at its fine-tune; ``provenance.resumed_from`` names the file reused."""
+        """A stage's expensive samples (generations, scores) kept in ``out_dir/file_name`` (a path relative to it): the
+        file's document when it ``fits`` (same sampling settings, same policy), else ``make()``, written atomically by
+        rank 0. A stage killed after sampling resumes at its fine-tune; ``provenance.resumed_from`` names the file
+        reused (the last one reused, when a stage samples more than once)."""
         path = self.out_dir / file_name
         doc = json.loads(path.read_text()) if path.exists() else None
         reused = doc is not None and fits(doc)
         if not reused:
             doc = make()
             if dist.is_main():
-                self.out_dir.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(path, doc)
-        self.provenance["resumed_from"] = str(path) if reused else None
+        if reused or "resumed_from" not in self.provenance:
+            self.provenance["resumed_from"] = str(path) if reused else None
         return doc
 
     def resume(self, expect: tuple[str, ...] = ()) -> Path | None:

@@ -16,9 +16,15 @@
             default (``train_on="every_turn"``) every sampled turn is the last turn of one example, the dialogue cut
             after it, so late turns are trained as often as they were sampled.
 
+With ``passes`` p > 1, steps 1-4 run p times, each later pass on fresh dialogues (seed + pass - 1) sampled from the
+policy the pass before made: it obeys more often, so more turns find an obeying answer among their k (the demo's
+policy rarely words an answer without "is" before GAtt, and more often after one pass).
+
 Stage directory: ``gatt_samples.json`` (every dialogue with its sampled answers; reused on a re-run with the same
 sampling settings, so a crash during fine-tuning never re-samples), ``gatt.jsonl`` (the training dialogues),
-``sft/`` (the inner SFT stage), ``final/`` (hard links to ``sft/final``), ``samples.json``, ``result.json`` (last).
+``sft/`` (the inner SFT stage), ``samples.json``; the same for pass n > 1 in ``pass-<n>/``; ``final/`` (hard links
+to the last pass's ``sft/final``), ``result.json`` (last; its metrics are the last pass's, with every pass's under
+``passes`` when there are several).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .sft import SFTConfig, SFTInputs, run_sft
 SAMPLES_FILE = "gatt_samples.json"
 DATA_FILE = "gatt.jsonl"
 SFT_DIR = "sft"
+PASS_DIR_PREFIX = "pass-"
 #: The instruction concatenated to a user turn as the Llama 2 format writes a system prompt (the form in which the
 #: model has learnt to follow instructions).
 SYSTEM_BLOCK_TEMPLATE = "<<SYS>>\n{inst}\n<</SYS>>\n\n{user}"
@@ -103,9 +110,14 @@ class GAttConfig(InstructionSettings):
     score_batch_size: int = Field(64, ge=1)
     generation_batch_size: int = Field(64, ge=1)
     num_samples: int = Field(4, ge=0, description="training dialogues written to samples.json")
+    passes: int = Field(1, ge=1, le=10, description="sample-and-fine-tune passes: each later pass samples fresh "
+                                                    "dialogues (seed + pass - 1) from the policy the pass before it "
+                                                    "made, which obeys more often, so its best of k finds obeying "
+                                                    "answers where the first found none")
     dtype: str = "auto"
     seed: int = 0
-    sft: SFTConfig = Field(default_factory=_sft_default, description="the fine-tune (loss on the last answer)")
+    sft: SFTConfig = Field(default_factory=_sft_default, description="the fine-tune of each pass (loss on the last "
+                                                                     "answer)")
 
 
 class GAttInputs(BaseModel):
@@ -247,9 +259,10 @@ def pick_answers(t: int, candidates: Sequence[tuple[dict, Sequence[str], Sequenc
             for n, (d, texts, finished) in enumerate(candidates)]
 
 
-def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> dict:
+def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun, n: int = 1) -> dict:
     """Steps 1-2: build the dialogues and sample every answer with inst in every user turn (best of
-    ``samples_per_turn`` by the helpfulness RM, the question alone as its context, when more than one)."""
+    ``samples_per_turn`` by the helpfulness RM, the question alone as its context, when more than one). ``n``: the
+    pass, for the progress events."""
     dialogues = build_dialogues(config, inputs.prompts)
     tokenizer = load_tokenizer(inputs.policy)
     policy = freeze(build_model(inputs.policy, "policy", dtype=config.dtype, seed=config.seed))
@@ -268,7 +281,8 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> d
                                 (lambda q, a: safe.score(q, a).tolist()) if safe else None)
 
     rolled = roll_dialogues(policy, tokenizer, dialogues, settings, template=config.concat_template,
-                            progress=lambda t, n: run.report(t, n, {"sampling_turn": t}),
+                            progress=lambda t, most: run.report(t, most, {"sampling_turn": t}
+                                                                | ({"pass": n} if config.passes > 1 else {})),
                             samples_per_turn=config.samples_per_turn, choose=choose, context=config.sample_context)
     for d, r in zip(dialogues, rolled):
         d.update(r)
@@ -336,29 +350,49 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
     if uses_safety_rm(config) and not inputs.reward_safety:
         raise InputError(f"gatt: safety_share {config.safety_share} with samples_per_turn {config.samples_per_turn} "
                          "picks a safety turn's answer by the safety reward model, and none was given")
+    policy, steps, by_pass, artifacts = inputs.policy, 0, [], {}
+    for n in range(1, config.passes + 1):
+        sub = pass_dir(n)
+        sft, metrics = _gatt_pass(config.model_copy(update={"seed": config.seed + n - 1}),
+                                  inputs.model_copy(update={"policy": policy}), run, sub, n)
+        policy, steps = str(sft.final), steps + sft.steps
+        by_pass.append(metrics)
+        artifacts = {"samples": f"{sub}samples.json"}
+        if "curves" in sft.artifacts:
+            artifacts["sft_curves"] = f"{sub}{SFT_DIR}/{sft.artifacts['curves']}"
+    if dist.is_main():
+        _link_tree(Path(policy), run.out_dir / FINAL_DIR)
+    metrics = {**by_pass[-1], **({"passes": by_pass} if config.passes > 1 else {})}
+    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=steps, artifacts=artifacts)
+
+
+def pass_dir(n: int) -> str:
+    """Where pass ``n`` keeps its files, relative to the stage directory: the first pass in the directory itself
+    (a one-pass stage is laid out as before passes existed), pass n > 1 in ``pass-<n>/``."""
+    return "" if n == 1 else f"{PASS_DIR_PREFIX}{n}/"
+
+
+def _gatt_pass(config: GAttConfig, inputs: GAttInputs, run: StageRun, sub: str, n: int):
+    """One pass: sample the dialogues from ``inputs.policy`` (``sub``/gatt_samples.json, reused when it fits), keep
+    the training examples, fine-tune (``sub``/sft, which resumes by itself). Returns the fine-tune's result and the
+    pass's metrics."""
     rm, rm_safety = picking_model(config, inputs), safety_picking_model(config, inputs)
-    doc = run.samples(SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
+    doc = run.samples(sub + SAMPLES_FILE, lambda d: d.get("sampling") == _sampling_key(config)
                       and d.get("policy") == inputs.policy and d.get("reward_helpfulness") == rm
                       and d.get("reward_safety") == rm_safety,
-                      lambda: sample_dialogues(config, inputs, run))
+                      lambda: sample_dialogues(config, inputs, run, n))
     kept, dropped = training_records(doc, config, load_tokenizer(inputs.policy))
     metrics = summarize(doc, kept, dropped)
     if not kept:
-        raise InputError("gatt kept no dialogue: every one had an empty, cut-off or (require_obeyed) disobeying "
-                         "answer, or was longer than sft.max_length")
-    data_path = run.out_dir / DATA_FILE
+        raise InputError(f"gatt{f' pass {n}' if n > 1 else ''} kept no dialogue: every one had an empty, cut-off or "
+                         "(require_obeyed) disobeying answer, or was longer than sft.max_length")
+    out = run.out_dir / sub
     if dist.is_main():
-        write_jsonl(kept, data_path)
-        atomic_write_json(run.out_dir / "samples.json", kept[: config.num_samples])
+        write_jsonl(kept, out / DATA_FILE)
+        atomic_write_json(out / "samples.json", kept[: config.num_samples])
     dist.barrier()
-
-    sft = run_sft(config.sft, SFTInputs(base=inputs.policy, data=str(data_path), tokenizer=inputs.policy),
-                  run.out_dir / SFT_DIR, run.progress)
+    sft = run_sft(config.sft, SFTInputs(base=inputs.policy, data=str(out / DATA_FILE), tokenizer=inputs.policy),
+                  out / SFT_DIR, run.progress)
     metrics.update({f"sft_{k}": v for k, v in sft.metrics.items()
                     if k in ("train_loss_first", "train_loss_last", "val_loss", "train_examples")})
-    artifacts = {"samples": "samples.json"}
-    if dist.is_main():
-        _link_tree(Path(sft.final), run.out_dir / FINAL_DIR)
-        if "curves" in sft.artifacts:
-            artifacts["sft_curves"] = f"{SFT_DIR}/{sft.artifacts['curves']}"
-    return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=sft.steps, artifacts=artifacts)
+    return sft, metrics

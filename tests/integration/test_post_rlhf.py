@@ -5,6 +5,8 @@ policy they started from."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 
@@ -24,7 +26,7 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
                          context_distillation=True,
                          overrides={"context_distillation.compare_untargeted": True, "sft.max_steps": 10,
                                     "reward_helpfulness.max_steps": 2, "reward_safety.max_steps": 2,
-                                    "ppo.iterations": 1, "gatt.safety_share": 0.5})
+                                    "ppo.iterations": 1, "gatt.safety_share": 0.5, "gatt.passes": 2})
     state = rlhf_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
     run = tmp_path / "post"
@@ -67,6 +69,13 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
                                                                    if k.startswith("dropped_")) == g["turns_sampled"]
     samples = json.loads((run / "gatt" / "gatt_samples.json").read_text())
     assert samples["reward_helpfulness"].endswith("reward-helpfulness/final")
+    # gatt.passes 2: the second pass sampled fresh dialogues from the first pass's policy, and GAtt's final is its
+    second = json.loads((run / "gatt" / "pass-2" / "gatt_samples.json").read_text())
+    assert second["policy"] == str(run / "gatt" / "sft" / "final")
+    assert second["sampling"]["seed"] == samples["sampling"]["seed"] + 1
+    assert os.path.samefile(run / "gatt" / "final" / "model.safetensors",
+                            run / "gatt" / "pass-2" / "sft" / "final" / "model.safetensors")
+    assert len(g["passes"]) == 2 and g["kept"] == g["passes"][1]["kept"]
     # gatt.safety_share: about half the turns are the prompts file's safety prompts, picked by the safety RM
     assert samples["reward_safety"].endswith("reward-safety/final")
     safety_prompts = {r.prompt for r in read_records(run / "data" / "ppo_prompts.jsonl", "prompts") if r.is_safety}
@@ -82,3 +91,18 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
     assert "adherence_late" in mt["checkpoints"]["gatt"]["ci"]
     md = (run / "report.md").read_text()
     assert "## Multi-turn adherence" in md and "## Stages after RLHF" in md and "adherence/adherence.png" in md
+
+    # killed during the second pass's fine-tune: a re-run keeps pass 1 whole and pass 2's samples, and trains pass 2
+    from llama2_align.stages.gatt import GAttConfig, GAttInputs, run_gatt
+
+    done = json.loads((run / "gatt" / "result.json").read_text())
+    pass1 = (run / "gatt" / "sft" / "result.json").stat().st_mtime_ns
+    for path in ("result.json", "final", "pass-2/sft"):
+        target = run / "gatt" / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    again = run_gatt(GAttConfig(**done["config"]), GAttInputs(**{k: v["path"] for k, v in done["inputs"].items()}),
+                     run / "gatt")
+    assert again.provenance["resumed_from"] == str(run / "gatt" / "pass-2" / "gatt_samples.json")
+    assert (run / "gatt" / "sft" / "result.json").stat().st_mtime_ns == pass1
+    assert (run / "gatt" / "final" / "model.safetensors").exists()
+    assert [p["kept"] for p in again.metrics["passes"]] == [p["kept"] for p in g["passes"]]
