@@ -60,12 +60,14 @@ DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch
 # The demo's instructions leave capital letters out and draw one value per kind (llama2_align/demo_dialogues.py says
 # why). Each answer is sampled from its own turn (the dialogues' questions are independent; with the dialogue so far
 # as context the tiny policy's sampled answers were right 52% of the time at turn 1 and 7% at turn 7, and GAtt taught
-# that: helpfulness at turns 6-8 fell from 0.385 to 0.188), at temperature 0.7 (at 1.0 single-turn helpfulness fell
-# 9.5 points), best of 4 (best of 8 obeyed more, 0.896 at turns 6-8 against 0.865, and cost 11 points of single-turn
-# helpfulness), 768 dialogues (384: adherence at turns 6-8 0.823). Seed 0, runs gc8-gc16, README "After RLHF".
+# that: helpfulness at turns 6-8 fell from 0.385 to 0.188), at temperature 0.5 (at 1.0 single-turn helpfulness fell
+# 9.5 points against 0.7; 0.5 against 0.7: +2.0 [+0.6, +3.4] points, pooled over seeds 0-2, adherence unchanged),
+# best of 4 (best of 8 obeyed more, 0.896 at turns 6-8 against 0.865, and cost 11 points of single-turn
+# helpfulness), 768 dialogues (384: adherence at turns 6-8 0.823), one pass (two: bench/README.md). Seed 0, runs
+# gc8-gc16; seeds 0-2, runs ge0-ge2 and gt0-gt2; README "After RLHF".
 DEMO_GATT = {"dialogues": 768, "max_new_tokens": 24, "generation_batch_size": 128,
              "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES,
-             "sample_context": "turn", "temperature": 0.7, "samples_per_turn": 4, "require_obeyed": True,
+             "sample_context": "turn", "temperature": 0.5, "samples_per_turn": 4, "require_obeyed": True,
              "score_batch_size": 128}
 # Context distillation samples at temperature 0.7 (at 1.0 the targeted variant's violation rate did not fall on seed 0,
 # +0.003 [-0.007, +0.014]; at 0.7 it fell on seeds 1 and 2; bench/README.md "Context distillation's sampling").
