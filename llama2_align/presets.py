@@ -64,8 +64,11 @@ DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch
 # 9.5 points against 0.7; 0.5 against 0.7: +2.0 [+0.6, +3.4] points, pooled over seeds 0-2, adherence unchanged),
 # best of 4 (best of 8 obeyed more, 0.896 at turns 6-8 against 0.865, and cost 11 points of single-turn
 # helpfulness), 768 dialogues (384: adherence at turns 6-8 0.823), one pass (two: bench/README.md). Seed 0, runs
-# gc8-gc16; seeds 0-2, runs ge0-ge2 and gt0-gt2; README "After RLHF".
-DEMO_GATT = {"dialogues": 768, "max_new_tokens": 24, "generation_batch_size": 128,
+# gc8-gc16; seeds 0-2, runs ge0-ge2 and gt0-gt2; README "After RLHF". GAtt and the multi-turn evaluation give an
+# answer 32 new tokens, not the single-turn 24: an instruction lengthens the longest good answer of the world to 31-32
+# tokens ("Great, good question! ... Have a nice day!"); at 24 GAtt dropped 287 cut-off turns of 3,430 on seed 0 and
+# the evaluation counted cut sign-offs as disobeyed (runs gy0-gy2; tests/unit/test_gatt.py checks the fit).
+DEMO_GATT = {"dialogues": 768, "max_new_tokens": 32, "generation_batch_size": 128,
              "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES,
              "sample_context": "turn", "temperature": 0.5, "samples_per_turn": 4, "require_obeyed": True,
              "score_batch_size": 128}
@@ -77,7 +80,7 @@ DEMO_GATT = {"dialogues": 768, "max_new_tokens": 24, "generation_batch_size": 12
 DEMO_CONTEXT_DISTILLATION = {"samples_per_prompt": 2, "temperature": 0.7, "max_new_tokens": 24,
                              "categories": ["adversarial", "borderline", "helpful"],
                              "generation_batch_size": 128, "score_batch_size": 128}
-DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 24, "batch_size": 128, "score_batch_size": 128,
+DEMO_ADHERENCE = {"dialogues": 96, "turns": 8, "max_new_tokens": 32, "batch_size": 128, "score_batch_size": 128,
                   "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES}
 
 DEMO = {

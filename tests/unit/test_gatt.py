@@ -153,6 +153,27 @@ def test_extra_sft_records_are_valid_and_drawn_from_training_prompts_only(extra)
     assert dd.extra_sft_records(0, dw.DemoSizes(), dialogues=False, preprompts=False) == []
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_demo_token_budgets_hold_every_well_formed_obeying_answer(seed, tmp_path):
+    """GAtt drops an answer cut off at ``max_new_tokens`` and the adherence judge counts it as disobeying a sign-off,
+    so the demo's budgets must hold the longest good answer of a non-adversarial prompt once reworded to obey any
+    demo instruction ("Great, good question! ... Have a nice day!"), EOS included, in the tokenizer the demo trains
+    for that seed; at 24 tokens, as the single-turn evaluation allows, they did not."""
+    from llama2_align.chat import encode_response
+    from llama2_align.pipeline import DataSettings
+    from llama2_align.presets import DEMO_ADHERENCE, DEMO_GATT
+
+    vocab = DataSettings().vocab_size
+    world = dw.generate_demo_world(seed)
+    texts = world.corpus_texts() + dd.corpus_texts(dd.extra_sft_records(seed, dw.DemoSizes()))
+    tok = load_tokenizer(train_tokenizer(list(dict.fromkeys(texts)), tmp_path / "tok", vocab, seed=seed))
+    insts = all_instructions(kinds=dd.DEMO_CONSTRAINT_KINDS, values=dd.DEMO_CONSTRAINT_VALUES)
+    longest = max((len(encode_response(tok, a)), a) for p in dw._prompt_index().values()
+                  if p.category != "adversarial" for inst in insts for a in dd._obeying(inst, dd._good_answers(p)))
+    assert longest[0] > 24, longest  # the instructions lengthen answers past the plain budget
+    assert longest[0] <= DEMO_GATT["max_new_tokens"] and longest[0] <= DEMO_ADHERENCE["max_new_tokens"], longest
+
+
 def test_instruction_demonstrations_obey_and_dialogues_carry_no_checkable_instruction(extra):
     inst_recs = [r for r in extra if r["category"] == "instruction"]
     by_text = {i.text: i for i in all_instructions(kinds=dd.DEMO_CONSTRAINT_KINDS)}
