@@ -67,7 +67,7 @@ class EncodedDialog:
 def _fold_system(messages: Sequence[dict]) -> list[dict]:
     if not messages:
         raise ChatFormatError("a dialogue needs at least one user message")
-    msgs = [dict(role=m["role"], content=m["content"]) for m in messages]
+    msgs = [dict(role=m["role"], content=m["content"], weight=m.get("weight")) for m in messages]
     if msgs[0]["role"] == "system":
         if len(msgs) < 2:
             raise ChatFormatError("a system prompt must be followed by a user message")
@@ -103,7 +103,8 @@ def encode_dialog(tokenizer, messages: Sequence[dict], last_answer_only: bool = 
     """Token ids and answer mask for a dialogue. Ends with an answer (training) or a user turn (a prompt).
 
     ``last_answer_only``: the mask marks the last answer alone (Ghost Attention trains on the last turn only; every
-    earlier token, earlier answers included, gets zero loss)."""
+    earlier token, earlier answers included, gets zero loss). An answer with ``"weight": 0`` is context: the mask
+    leaves it out (causal attention gives each trained answer the same loss as in the dialogue cut after it)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     ids: list[int] = []
     mask: list[int] = []
@@ -119,7 +120,8 @@ def encode_dialog(tokenizer, messages: Sequence[dict], last_answer_only: bool = 
             # so encoding the answer on its own (with its dummy-prefix space) gives the same ids.
             answer = _encode_text(tokenizer, f"{msgs[i + 1]['content'].strip()} ") + [eos]
             ids += answer
-            mask += [int(not last_answer_only or i + 1 == last_answer)] * len(answer)
+            trained = (not last_answer_only or i + 1 == last_answer) and msgs[i + 1]["weight"] != 0
+            mask += [int(trained)] * len(answer)
     return EncodedDialog(ids, mask)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import InputError, InputNotFoundError
@@ -93,6 +93,9 @@ class Message(_Record):
 
     role: Literal["system", "user", "assistant"]
     content: NonEmptyStr
+    weight: int | None = Field(None, ge=0, le=1, strict=True,
+                               description="assistant messages of an SFT dialogue only: 0, the answer is context and "
+                                           "gets no loss; 1 or absent, it is trained")
 
 
 def _dialogue_problem(messages: list[Message], end_with: str) -> tuple[str, str, str | None] | None:
@@ -100,6 +103,10 @@ def _dialogue_problem(messages: list[Message], end_with: str) -> tuple[str, str,
     if not messages:
         return ("messages", "a non-empty list of messages", "[]")
     start = 1 if messages[0].role == "system" else 0
+    for i, msg in enumerate(messages):
+        if msg.weight is not None and (msg.role != "assistant" or end_with != "assistant"):
+            return (f"messages[{i}].weight", "no weight (only an SFT dialogue's assistant messages have one)",
+                    repr(msg.weight))
     for i, msg in enumerate(messages[start:], start=start):
         want = "user" if (i - start) % 2 == 0 else "assistant"
         if msg.role != want:
@@ -111,6 +118,8 @@ def _dialogue_problem(messages: list[Message], end_with: str) -> tuple[str, str,
     if last != end_with:
         return (f"messages[{len(messages) - 1}].role", f"'{end_with}' (the dialogue must end with {end_with})",
                 repr(last))
+    if end_with == "assistant" and all(m.weight == 0 for m in messages if m.role == "assistant"):
+        return ("messages", "an assistant message without weight 0 (nothing would be trained)", "every weight 0")
     return None
 
 
@@ -133,7 +142,7 @@ class _HasContext(_Record):
     def context_messages(self) -> list[dict]:
         """The context as a list of ``{"role", "content"}`` dicts; a prompt string becomes one user turn."""
         if self.messages is not None:
-            return [m.model_dump() for m in self.messages]
+            return [m.model_dump(exclude_none=True) for m in self.messages]
         return [{"role": "user", "content": self.prompt}]
 
 

@@ -14,7 +14,9 @@
 4. train    with zero loss on every token of the earlier turns (earlier answers included) and full loss on the last
             answer: the SFT stage with ``loss_on="last_answer"`` (``<out_dir>/sft``, which resumes by itself). By
             default (``train_on="every_turn"``) every sampled turn is the last turn of one example, the dialogue cut
-            after it, so late turns are trained as often as they were sampled.
+            after it, so late turns are trained as often as they were sampled; ``train_on="dialogue"`` trains the
+            same answers with one example per dialogue, the answers not trained weighted 0 (the same per-token
+            losses, each dialogue encoded once instead of once per turn).
 
 With ``passes`` p > 1, steps 1-4 run p times, each later pass on fresh dialogues (seed + pass - 1) sampled from the
 policy the pass before made: it obeys more often, so more turns find an obeying answer among their k (the demo's
@@ -91,9 +93,12 @@ class GAttConfig(InstructionSettings):
         "dialogue", description="what each sampled answer sees: dialogue, the earlier turns and their sampled answers "
                                 "(the paper's reading); turn, its own user turn alone (with inst), for dialogues of "
                                 "independent questions and a policy whose answers degrade with a long context")
-    train_on: Literal["every_turn", "last_turn"] = Field(
+    train_on: Literal["every_turn", "dialogue", "last_turn"] = Field(
         "every_turn", description="every_turn: each sampled turn is the last (and only trained) turn of one example, "
-                                  "the dialogue cut after it; last_turn: one example per dialogue, its last turn")
+                                  "the dialogue cut after it; dialogue: the same answers trained, one example per "
+                                  "dialogue (cut after its last trained turn), the others weight 0: the same "
+                                  "per-token losses at a fraction of the tokens; last_turn: one example per "
+                                  "dialogue, its last turn")
     require_obeyed: bool = Field(False, description="keep only examples whose trained answer obeys inst (last_turn: "
                                                     "whose every sampled answer obeys)")
     require_finished: bool = Field(True, description="keep only examples whose every answer ended with EOS")
@@ -296,21 +301,26 @@ def training_records(doc: dict, config: GAttConfig, tokenizer) -> tuple[list[dic
     """Step 3: training examples with inst as the system prompt of their first turn only, and loss on their last
     answer alone. ``train_on="every_turn"``: every sampled turn gives one example, the dialogue cut after it (the
     earlier answers, obeying or not, are context with zero loss), so turn 8 is trained as often as it was sampled;
-    ``"last_turn"``: one example per dialogue. An example is dropped when an answer in it is empty or (with
-    ``require_finished``) was cut off, when ``require_obeyed`` and its trained answer disobeys (``last_turn``: any
-    answer), or when it is longer than the fine-tune's ``max_length`` (truncation would cut the only answer with
-    loss). Returns the examples and the drop counts."""
+    ``"dialogue"``: the answers every_turn would train, in one example per dialogue cut after the last of them,
+    each answer weighted 1 if trained and 0 if not (causal attention: each trained answer sees exactly what its
+    every_turn example shows, so the per-token losses are the same, and a dialogue of n turns is encoded once, not n
+    times);
+    ``"last_turn"``: one example per dialogue. A turn is dropped when an answer up to it is empty or (with
+    ``require_finished``) was cut off, when ``require_obeyed`` and its answer disobeys (``last_turn``: any answer),
+    or when the dialogue up to it is longer than the fine-tune's ``max_length`` (truncation would cut the answer with
+    loss). Returns the examples and the drop counts (per turn, ``last_turn``: per dialogue)."""
     kept, dropped = [], {"empty_or_cut": 0, "disobeyed": 0, "too_long": 0}
     for i, d in enumerate(doc["dialogues"]):
         inst = Instruction.from_dict(d["instruction"]).text
         n = len(d["answers"])
-        ends = range(1, n + 1) if config.train_on == "every_turn" else [n]
+        ends = [n] if config.train_on == "last_turn" else range(1, n + 1)
+        trained = []
         for end in ends:
             answers, finished = d["answers"][:end], d["finished"][:end]
             if not all(a.strip() for a in answers) or (config.require_finished and not all(finished)):
                 dropped["empty_or_cut"] += 1
                 continue
-            obeyed = d["obeyed"][end - 1:end] if config.train_on == "every_turn" else d["obeyed"][:end]
+            obeyed = d["obeyed"][:end] if config.train_on == "last_turn" else d["obeyed"][end - 1:end]
             if config.require_obeyed and not all(obeyed):
                 dropped["disobeyed"] += 1
                 continue
@@ -318,13 +328,32 @@ def training_records(doc: dict, config: GAttConfig, tokenizer) -> tuple[list[dic
             if len(encode_dialog(tokenizer, msgs).input_ids) > config.sft.max_length:
                 dropped["too_long"] += 1
                 continue
-            kept.append({"id": f"gatt-{i + 1:06d}-{end}", "category": "gatt", "messages": msgs})
+            trained.append(end)
+            if config.train_on != "dialogue":
+                kept.append({"id": f"gatt-{i + 1:06d}-{end}", "category": "gatt", "messages": msgs})
+        if config.train_on == "dialogue" and trained:
+            msgs = dialogue_messages(d["turns"][:trained[-1]], d["answers"][:trained[-1]], inst)
+            answers = [m for m in msgs if m["role"] == "assistant"]
+            for t, m in enumerate(answers, start=1):
+                m["weight"] = int(t in trained)
+            kept.append({"id": f"gatt-{i + 1:06d}", "category": "gatt", "messages": msgs})
     return kept, dropped
 
 
+def trained_turns(record: dict) -> list[int]:
+    """The turns (1-based) whose answers a GAtt training example trains: those of weight 1 when it carries weights
+    (``train_on="dialogue"``), else its last."""
+    answers = [m for m in record["messages"] if m["role"] == "assistant"]
+    if any("weight" in m for m in answers):
+        return [t for t, m in enumerate(answers, start=1) if m.get("weight", 1) != 0]
+    return [len(answers)]
+
+
 def summarize(doc: dict, kept: list[dict], dropped: dict) -> dict:
-    """Sampled adherence by turn (inst in every user turn), dialogue and turn counts."""
+    """Sampled adherence by turn (inst in every user turn), dialogue and turn counts (``kept_by_turn``: the trained
+    answers by turn)."""
     dialogues = doc["dialogues"]
+    turns = [trained_turns(r) for r in kept]
     most = max(len(d["turns"]) for d in dialogues)
     by_turn = []
     for t in range(most):
@@ -335,7 +364,8 @@ def summarize(doc: dict, kept: list[dict], dropped: dict) -> dict:
             "sampled_adherence": round(sum(answers) / len(answers), 4),
             "sampled_adherence_by_turn": by_turn, "kept": len(kept),
             "mean_turns_kept": round(sum(len(r["messages"]) // 2 for r in kept) / max(1, len(kept)), 3),
-            "kept_by_turn": [sum(1 for r in kept if len(r["messages"]) // 2 == t + 1) for t in range(most)],
+            "trained_answers": sum(len(t) for t in turns),
+            "kept_by_turn": [sum(trained.count(t + 1) for trained in turns) for t in range(most)],
             **{f"dropped_{k}": v for k, v in dropped.items()}}
 
 
@@ -366,6 +396,14 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=steps, artifacts=artifacts)
 
 
+def sft_config(config: GAttConfig) -> SFTConfig:
+    """The fine-tune's settings: ``sft``, with ``train_on="dialogue"`` the loss on every answer not weighted 0 (each
+    example carries several trained answers, not one last one)."""
+    if config.train_on == "dialogue":
+        return config.sft.model_copy(update={"loss_on": "all_answers"})
+    return config.sft
+
+
 def pass_dir(n: int) -> str:
     """Where pass ``n`` keeps its files, relative to the stage directory: the first pass in the directory itself
     (a one-pass stage is laid out as before passes existed), pass n > 1 in ``pass-<n>/``."""
@@ -391,8 +429,8 @@ def _gatt_pass(config: GAttConfig, inputs: GAttInputs, run: StageRun, sub: str, 
         write_jsonl(kept, out / DATA_FILE)
         atomic_write_json(out / "samples.json", kept[: config.num_samples])
     dist.barrier()
-    sft = run_sft(config.sft, SFTInputs(base=inputs.policy, data=str(out / DATA_FILE), tokenizer=inputs.policy),
-                  out / SFT_DIR, run.progress)
+    sft = run_sft(sft_config(config), SFTInputs(base=inputs.policy, data=str(out / DATA_FILE),
+                                                tokenizer=inputs.policy), out / SFT_DIR, run.progress)
     metrics.update({f"sft_{k}": v for k, v in sft.metrics.items()
                     if k in ("train_loss_first", "train_loss_last", "val_loss", "train_examples")})
     return sft, metrics

@@ -65,7 +65,8 @@ def _split(records: list, val_fraction: float, max_val: int, seed: int):
 def tokenize_dialogues(tokenizer, records, last_answer_only: bool = False) -> list[dict]:
     rows = []
     for rec in records:
-        enc = encode_dialog(tokenizer, [m.model_dump() for m in rec.messages], last_answer_only=last_answer_only)
+        enc = encode_dialog(tokenizer, [m.model_dump(exclude_none=True) for m in rec.messages],
+                            last_answer_only=last_answer_only)
         rows.append({"input_ids": enc.input_ids, "assistant_masks": enc.answer_mask})
     return rows
 
@@ -167,7 +168,7 @@ def sample_generations(model, tokenizer, records, max_new_tokens: int, seed: int
     """Greedy answers to the first user turn of held-out dialogues, beside the reference answer."""
     prompts, refs = [], []
     for rec in records:
-        msgs = [m.model_dump() for m in rec.messages]
+        msgs = [m.model_dump(exclude_none=True) for m in rec.messages]
         cut = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         prompts.append(msgs[:cut])
         refs.append(msgs[cut]["content"])

@@ -106,6 +106,25 @@ def test_sft_role_order(tmp_path, messages, field):
     assert (issue.line, issue.field) == (1, field)
 
 
+def test_answer_weights_belong_to_sft_assistant_messages_only(tmp_path):
+    """``weight`` 0/1 on an SFT dialogue's assistant message (0: context, no loss); anywhere else, or any other
+    value, is refused with its line and field."""
+    dialogue = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "weight": 1}]
+    (rec,) = read_records(_jsonl(tmp_path, [{"messages": dialogue}]), "sft")
+    assert [m.weight for m in rec.messages] == [None, 0, None, 1]
+    on_user = [{**dialogue[0], "weight": 1}, dialogue[1]]
+    two = [dialogue[0], {**dialogue[1], "weight": 2}]
+    true = [dialogue[0], {**dialogue[1], "weight": True}]  # strict: JSON true is not 1
+    nothing = [dialogue[0], dialogue[1]]  # its only answer weighted 0
+    issues = _issues(_jsonl(tmp_path, [{"messages": m} for m in (on_user, two, true, nothing)]), "sft")
+    assert [(i.line, i.field) for i in issues] == [(1, "messages[0].weight"), (2, "messages[1].weight"),
+                                                   (3, "messages[1].weight"), (4, "messages")]
+    prompt = {"messages": [{"role": "user", "content": "a", "weight": 0}], "is_safety": False}
+    issue = _only(_issues(_jsonl(tmp_path, [prompt]), "prompts"))
+    assert (issue.line, issue.field) == (1, "messages[0].weight")
+
+
 def test_preference_context_must_end_with_user_and_be_exactly_one(tmp_path):
     ends_with_assistant = {**GOOD_PREF, "prompt": None,
                            "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}

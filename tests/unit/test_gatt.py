@@ -351,6 +351,55 @@ def test_training_records_drop_cut_off_disobeying_and_too_long_dialogues(tok):
     assert summarize(doc, kept, dropped)["kept_by_turn"] == [3, 2, 2]
 
 
+def test_dialogue_training_trains_the_same_answers_with_the_same_losses_in_one_example_per_dialogue(tok):
+    """``train_on="dialogue"``: one example per dialogue, cut after its last trained turn, the answers every_turn
+    would not train weighted 0. Under causal attention every trained token then has exactly the loss it has in its
+    every_turn example, and the mask covers the same tokens: checked on a model's per-token losses."""
+    import torch
+
+    from llama2_align.data import SFTRecord
+    from llama2_align.model import build_model
+    from llama2_align.stages.gatt import GAttConfig, sft_config
+
+    good = {"turns": TURNS, "instruction": INST.to_dict(), "answers": ANSWERS, "finished": [True] * 3,
+            "obeyed": [True] * 3}
+    forgot = dict(good, obeyed=[True, False, True])  # turn 2 disobeys: context only
+    cut = dict(good, finished=[True, True, False])  # turn 3 cut off: the example ends after turn 2
+    doc = {"dialogues": [good, forgot, cut]}
+    every, dropped_every = training_records(doc, GAttConfig(require_obeyed=True), tok)
+    packed, dropped = training_records(doc, GAttConfig(require_obeyed=True, train_on="dialogue"), tok)
+    assert dropped == dropped_every == {"empty_or_cut": 1, "disobeyed": 1, "too_long": 0}
+    assert len(every) == 3 + 2 + 2 and len(packed) == 3
+    assert [[m.get("weight") for m in r["messages"] if m["role"] == "assistant"] for r in packed] == [
+        [1, 1, 1], [1, 0, 1], [1, 1]]
+    SFTRecord.model_validate(packed[1])  # the weights are part of the SFT data contract
+    m_every, m_packed = summarize(doc, every, dropped), summarize(doc, packed, dropped)
+    assert m_every["kept_by_turn"] == m_packed["kept_by_turn"] == [3, 2, 2]
+    assert m_every["trained_answers"] == m_packed["trained_answers"] == 7
+    assert sft_config(GAttConfig(train_on="dialogue")).loss_on == "all_answers"
+    assert sft_config(GAttConfig()).loss_on == "last_answer"
+
+    model = build_model("micro", "policy", vocab_size=len(tok), device="cpu", dtype="fp32", seed=0).eval()
+
+    def token_losses(records, last_only):
+        out = []
+        for r in records:
+            enc = encode_dialog(tok, r["messages"], last_answer_only=last_only)
+            ids = torch.tensor([enc.input_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            nll = -logp.gather(1, ids[0, 1:, None])[:, 0]
+            out += [float(x) for x, m in zip(nll, enc.answer_mask[1:]) if m]
+        return sorted(out)
+
+    a, b = token_losses(every, True), token_losses(packed, False)
+    assert len(a) == len(b) > 0
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    # and not by accident: without the weights the disobeying answer's tokens would be trained too
+    assert len(token_losses([{"messages": [{k: v for k, v in m.items() if k != "weight"} for m in r["messages"]]}
+                             for r in packed], False)) > len(b)
+
+
 def test_best_of_k_sees_each_turn_of_every_dialogue_in_one_call(tok):
     """``choose`` gets every live dialogue's k answers of a turn at once (one scoring pass per turn), and the
     dialogue goes on with the answer it picks."""
