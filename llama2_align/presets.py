@@ -63,12 +63,16 @@ DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch
 # that: helpfulness at turns 6-8 fell from 0.385 to 0.188), at temperature 0.5 (at 1.0 single-turn helpfulness fell
 # 9.5 points against 0.7; 0.5 against 0.7: +2.0 [+0.6, +3.4] points, pooled over seeds 0-2, adherence unchanged),
 # best of 4 (best of 8 obeyed more, 0.896 at turns 6-8 against 0.865, and cost 11 points of single-turn
-# helpfulness), 768 dialogues (384: adherence at turns 6-8 0.823), one pass (two: bench/README.md). Seed 0, runs
+# helpfulness), 768 dialogues then (384: adherence at turns 6-8 0.823), one pass (two: bench/README.md). Seed 0, runs
 # gc8-gc16; seeds 0-2, runs ge0-ge2 and gt0-gt2; README "After RLHF". GAtt and the multi-turn evaluation give an
 # answer 32 new tokens, not the single-turn 24: an instruction lengthens the longest good answer of the world to 31-32
 # tokens ("Great, good question! ... Have a nice day!"); at 24 GAtt dropped 287 cut-off turns of 3,430 on seed 0 and
 # the evaluation counted cut sign-offs as disobeyed (runs gy0-gy2; tests/unit/test_gatt.py checks the fit).
-DEMO_GATT = {"dialogues": 768, "max_new_tokens": 32, "generation_batch_size": 128,
+# It trains one example per dialogue (train_on="dialogue": the same answers and per-token losses as one example per
+# turn, a third of the tokens) on 1536 dialogues, 10 a batch: against 768 one-example-per-turn dialogues, 32 a batch,
+# late helpfulness +5.2 / +5.2 / +1.7 points and seed 1's adherence +4.9 points, violations +1.1 points pooled
+# (runs gz0-gz2 against gy0-gy2; bench/README.md "Ghost Attention's token budget").
+DEMO_GATT = {"dialogues": 1536, "train_on": "dialogue", "max_new_tokens": 32, "generation_batch_size": 128,
              "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES,
              "sample_context": "turn", "temperature": 0.5, "samples_per_turn": 4, "require_obeyed": True,
              "score_batch_size": 128}
@@ -100,7 +104,7 @@ DEMO = {
     **section("ppo", DEMO_PPO),
     **section("eval", DEMO_EVAL),
     "sft.max_length": 512,
-    **section("gatt", DEMO_GATT), **section("gatt.sft", DEMO_POST_SFT),
+    **section("gatt", DEMO_GATT), **section("gatt.sft", {**DEMO_POST_SFT, "batch_size": 10, "micro_batch_size": 10}),
     **section("context_distillation", DEMO_CONTEXT_DISTILLATION),
     **section("context_distillation.sft", {**DEMO_POST_SFT, "epochs": 4}),
     **section("adherence", DEMO_ADHERENCE),

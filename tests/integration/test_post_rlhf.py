@@ -58,15 +58,22 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
     for rec in read_records(run / "context-distillation" / "cd.jsonl", "sft"):
         assert [m.role for m in rec.messages] == ["user", "assistant"]  # trained without the preprompt
 
-    # GAtt: inst as the system prompt of the first turn only
-    for rec in read_records(run / "gatt" / "gatt.jsonl", "sft"):
+    # GAtt: inst as the system prompt of the first turn only; one example per dialogue (the demo's train_on:
+    # dialogue), each answer weighted, the last one trained
+    records = read_records(run / "gatt" / "gatt.jsonl", "sft")
+    for rec in records:
         assert rec.messages[0].role == "system"
         assert not any(B_SYS.strip() in m.content for m in rec.messages[1:])
+        weights = [m.weight for m in rec.messages if m.role == "assistant"]
+        assert set(weights) <= {0, 1} and weights[-1] == 1
     assert (run / "gatt" / "final" / "model.safetensors").exists()
-    # every sampled turn ends one training example; each turn was the best of 2 by the helpfulness RM
+    # every sampled turn is trained or dropped; each turn was the best of 2 by the helpfulness RM
     g = json.loads((run / "gatt" / "result.json").read_text())["metrics"]
-    assert g["kept"] == sum(g["kept_by_turn"]) and g["kept"] + sum(v for k, v in g.items()
-                                                                   if k.startswith("dropped_")) == g["turns_sampled"]
+    first = g["passes"][0]  # gatt.jsonl is the first pass's data
+    assert first["trained_answers"] == sum(first["kept_by_turn"]) == sum(
+        m.weight for r in records for m in r.messages if m.role == "assistant") and first["kept"] == len(records)
+    for m in g["passes"]:
+        assert m["trained_answers"] + sum(v for k, v in m.items() if k.startswith("dropped_")) == m["turns_sampled"]
     samples = json.loads((run / "gatt" / "gatt_samples.json").read_text())
     assert samples["reward_helpfulness"].endswith("reward-helpfulness/final")
     # gatt.passes 2: the second pass sampled fresh dialogues from the first pass's policy, and GAtt's final is its
