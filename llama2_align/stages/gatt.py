@@ -298,8 +298,8 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun, n: i
 
 
 def training_records(doc: dict, config: GAttConfig, tokenizer) -> tuple[list[dict], dict]:
-    """Step 3: training examples with inst as the system prompt of their first turn only, and loss on their last
-    answer alone. ``train_on="every_turn"``: every sampled turn gives one example, the dialogue cut after it (the
+    """Step 3: training examples with inst as the system prompt of their first turn only, and loss on the answers
+    they train alone. ``train_on="every_turn"``: every sampled turn gives one example, the dialogue cut after it (the
     earlier answers, obeying or not, are context with zero loss), so turn 8 is trained as often as it was sampled;
     ``"dialogue"``: the answers every_turn would train, in one example per dialogue cut after the last of them,
     each answer weighted 1 if trained and 0 if not (causal attention: each trained answer sees exactly what its
