@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/post_rlhf.py figures runs/demo-post     # tables from <run>/report.json
     .venv/bin/python bench/post_rlhf.py sft-cost [--steps 40]      # SFT time per step, world's SFT set vs extended
+    .venv/bin/python bench/post_rlhf.py gatt-cost runs/demo-post   # GAtt's fine-tune: per turn vs per dialogue
 
 ``figures`` prints, for a run made with ``--gatt --context-distillation --set
 context_distillation.compare_untargeted=true``: adherence to the system instruction by turn with and without GAtt,
@@ -12,6 +13,12 @@ it (violation rate, borderline false refusals, helpfulness); and each stage's wa
 ``sft-cost`` times the demo-tiny SFT on the world's SFT set and on the extended one (GAtt's and context
 distillation's extra demonstrations), the two alternating, and scales the time per step to the planned steps of
 each: what the extra data adds to a demo run's SFT. It prints the machine's load average beside the figures.
+
+``gatt-cost`` takes a run's GAtt samples (``<run>/gatt/gatt_samples.json``) and builds GAtt's training data both ways,
+``train_on: every_turn`` (one example per sampled turn, the baseline) and ``train_on: dialogue`` (one example per
+dialogue, the untrained answers weighted 0): examples, tokens, trained tokens (the same answers, so the same count),
+then times one fine-tune epoch of each from GAtt's start policy at one batch size (``--batch-size``, default the
+run's ``gatt.sft.batch_size``), the two alternating, medians of ``--repeat``.
 """
 
 from __future__ import annotations
@@ -111,6 +118,50 @@ def sft_cost(steps: int, repeat: int) -> None:
               f"{planned[name]} -> {per * planned[name] / 60:.1f} min")
 
 
+def gatt_cost(run_dir: str, repeat: int, batch_size: int | None, epochs: float) -> None:
+    import torch
+
+    from llama2_align.data import read_records, write_jsonl
+    from llama2_align.stages.gatt import GAttConfig, sft_config, training_records
+    from llama2_align.stages.sft import SFTInputs, run_sft, tokenize_dialogues
+    from llama2_align.tokenizer import load_tokenizer
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    stage = Path(run_dir) / "gatt"
+    result = json.loads((stage / "result.json").read_text())
+    config = GAttConfig(**{k: v for k, v in result["config"].items() if k in GAttConfig.model_fields})
+    policy = result["inputs"]["policy"]["path"]
+    doc = json.loads((stage / "gatt_samples.json").read_text())
+    tok = load_tokenizer(policy)
+    bs = batch_size or config.sft.batch_size
+    work = Path(tempfile.mkdtemp(prefix="gatt-cost-"))
+    sides = {}
+    for mode in ("every_turn", "dialogue"):
+        cfg = config.model_copy(update={"train_on": mode})
+        kept, _ = training_records(doc, cfg, tok)
+        data = write_jsonl(kept, work / f"{mode}.jsonl")
+        sft = sft_config(cfg)
+        rows = tokenize_dialogues(tok, read_records(data, "sft"), last_answer_only=sft.loss_on == "last_answer")
+        sides[mode] = (data, sft.model_copy(update={
+            "epochs": epochs, "batch_size": bs, "micro_batch_size": bs, "val_fraction": 0.0, "num_samples": 0,
+            "save_steps": 10**6, "eval_steps": 10**6, "progress_bar": False}))
+        print(f"{mode}: {len(rows)} examples, {sum(len(r['input_ids']) for r in rows)} tokens, "
+              f"{sum(sum(r['assistant_masks']) for r in rows)} trained tokens, "
+              f"{sides[mode][1].planned_steps(len(rows))} steps at {bs} a batch")
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(repeat):
+        for mode, (data, sft) in sides.items():
+            t = time.perf_counter()
+            run_sft(sft, SFTInputs(base=policy, data=str(data), tokenizer=policy), work / f"sft-{r}-{mode}")
+            times[mode].append(time.perf_counter() - t)
+    print(f"load average after: {os.getloadavg()}")
+    base = sorted(times["every_turn"])[repeat // 2]
+    for mode in sides:
+        med = sorted(times[mode])[repeat // 2]
+        print(f"{mode}: {med:.1f} s for {epochs:g} epoch(s) (median of {repeat}, includes set-up), "
+              f"{base / med:.2f}x the every_turn speed")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -119,9 +170,17 @@ def main() -> None:
     c = sub.add_parser("sft-cost")
     c.add_argument("--steps", type=int, default=40)
     c.add_argument("--repeat", type=int, default=1)
+    g = sub.add_parser("gatt-cost")
+    g.add_argument("run_dir")
+    g.add_argument("--repeat", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--epochs", type=float, default=1.0)
     args = ap.parse_args()
     if args.cmd == "figures":
         figures(args.run_dir)
+    elif args.cmd == "gatt-cost":
+        print(f"load average: {os.getloadavg()}")
+        gatt_cost(args.run_dir, args.repeat, args.batch_size, args.epochs)
     else:
         print(f"load average: {os.getloadavg()}")
         sft_cost(args.steps, args.repeat)
