@@ -313,6 +313,10 @@ def training_records(doc: dict, config: GAttConfig, tokenizer) -> tuple[list[dic
     for i, d in enumerate(doc["dialogues"]):
         inst = Instruction.from_dict(d["instruction"]).text
         n = len(d["answers"])
+        # tokens up to the end of each turn: the dialogue encoded once (the encoding of a dialogue cut after a turn
+        # is the start of the whole one's), each turn ending where its answer's run of the answer mask ends
+        mask = encode_dialog(tokenizer, dialogue_messages(d["turns"][:n], d["answers"], inst)).answer_mask
+        length = [j + 1 for j, m in enumerate(mask) if m and (j + 1 == len(mask) or not mask[j + 1])]
         ends = [n] if config.train_on == "last_turn" else range(1, n + 1)
         trained = []
         for end in ends:
@@ -324,13 +328,13 @@ def training_records(doc: dict, config: GAttConfig, tokenizer) -> tuple[list[dic
             if config.require_obeyed and not all(obeyed):
                 dropped["disobeyed"] += 1
                 continue
-            msgs = dialogue_messages(d["turns"][:end], answers, inst)
-            if len(encode_dialog(tokenizer, msgs).input_ids) > config.sft.max_length:
+            if length[end - 1] > config.sft.max_length:
                 dropped["too_long"] += 1
                 continue
             trained.append(end)
             if config.train_on != "dialogue":
-                kept.append({"id": f"gatt-{i + 1:06d}-{end}", "category": "gatt", "messages": msgs})
+                kept.append({"id": f"gatt-{i + 1:06d}-{end}", "category": "gatt",
+                             "messages": dialogue_messages(d["turns"][:end], answers, inst)})
         if config.train_on == "dialogue" and trained:
             msgs = dialogue_messages(d["turns"][:trained[-1]], d["answers"][:trained[-1]], inst)
             answers = [m for m in msgs if m["role"] == "assistant"]
