@@ -72,9 +72,10 @@ DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch
 # turn, a third of the tokens) on 1536 dialogues, 10 a batch: against 768 one-example-per-turn dialogues, 32 a batch,
 # late helpfulness +5.2 / +5.2 / +1.7 points and seed 1's adherence +4.9 points, violations +1.1 points pooled
 # (runs gz0-gz2 against gy0-gy2; bench/README.md "Ghost Attention's token budget"). Its batches group dialogues of
-# similar length (gatt.sft.group_by_length; 1 to 8 turns mixed in a batch of 10 are mostly padding): the fine-tune
-# took 60 / 41 / 44 s instead of 79 / 75 / 71 s on seeds 0-2, adherence and helpfulness unchanged within their
-# intervals (runs t0g-t2g against s0-s2; bench/README.md "Ghost Attention's batches by length").
+# similar length (gatt.sft.group_by_length; otherwise a batch of 10 dialogues of 1 to 8 turns is padded to its
+# longest): the fine-tune took 60 / 41 / 44 s instead of 79 / 75 / 71 s on seeds 0-2, adherence and helpfulness
+# unchanged within their intervals (runs t0g-t2g against s0, t1, s2; bench/README.md "Ghost Attention's batches by
+# length").
 DEMO_GATT = {"dialogues": 1536, "train_on": "dialogue", "max_new_tokens": 32, "generation_batch_size": 128,
              "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES,
              "sample_context": "turn", "temperature": 0.5, "samples_per_turn": 4, "require_obeyed": True,
