@@ -241,7 +241,31 @@ def load_result(out_dir: str | Path) -> StageResult | None:
     if result.planned_steps is not None and result.steps < result.planned_steps:
         logger.warning(f"{path}: records {result.steps} of {result.planned_steps} planned steps: not complete")
         return None
-    return result
+    return moved_to(result, Path(out_dir))
+
+
+def moved_to(result: StageResult, out_dir: Path) -> StageResult:
+    """A finished stage directory read where it now is. A run directory copied (or moved) since it finished, to
+    branch an experiment from its stages, holds result.json files naming the old location; their paths inside it
+    (``out_dir``, ``final``, paths in ``metrics`` and ``artifacts``) are read as inside ``out_dir``, so the stages
+    after it load the copy's checkpoints, not the original's (which may be gone). The file is left as it is: its
+    hash is the stage's identity for the stages after it."""
+    old = result.out_dir.rstrip("/")
+    if not old or Path(old).resolve() == out_dir.resolve():
+        return result
+    new = str(out_dir.resolve())
+
+    def rebase(x: Any) -> Any:
+        if isinstance(x, str):
+            return new + x[len(old):] if x == old or x.startswith(old + "/") else x
+        if isinstance(x, dict):
+            return {k: rebase(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [rebase(v) for v in x]
+        return x
+
+    return result.model_copy(update={"out_dir": new, "final": rebase(result.final), "metrics": rebase(result.metrics),
+                                     "artifacts": rebase(result.artifacts)})
 
 
 #: Config fields that say how a stage ran, not what it computed: a finished stage is reused whatever their values

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,19 @@ def test_pipeline_micro_runs_reports_and_caches(prefect_server, tmp_path):
                                                 export=True, overrides={"data.demo_seed": 1}), return_state=True)
     assert other.is_failed() and "demo data made with other settings (data.demo_seed)" in other.message
     assert (data / "sft.jsonl").stat().st_mtime_ns == written
+
+    # the finished run copied to branch from it, the original deleted, the copy's evaluation removed: the copy runs,
+    # every stage read from the copy (the evaluation loads the copy's SFT and PPO checkpoints)
+    shutil.copytree(tmp_path / "micro", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "micro")
+    shutil.rmtree(tmp_path / "copy" / "eval")
+    branch = rlhf_pipeline(config=PipelineConfig(preset="demo-micro", runs_root=str(tmp_path), run_name="copy",
+                                                 export=True), return_state=True)
+    assert branch.is_completed(), branch.message
+    report = json.loads((tmp_path / "copy" / "report.json").read_text())
+    for name in STAGES:
+        assert Path(report["stages"][name]["output"]).resolve().is_relative_to((tmp_path / "copy").resolve()), name
+    assert not (tmp_path / "micro").exists()
 
 
 def test_pipeline_names_the_failing_stage(prefect_server, tmp_path):

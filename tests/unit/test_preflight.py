@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -378,6 +379,30 @@ def test_a_stage_is_complete_only_when_every_planned_step_ran(tmp_path):
     doc = json.loads((tmp_path / "toy" / "result.json").read_text())
     (tmp_path / "toy" / "result.json").write_text(json.dumps({**doc, "steps": 2}))
     assert load_result(tmp_path / "toy") is None
+
+
+def test_a_copied_stage_directory_names_its_own_files_not_the_originals(tmp_path):
+    @stage("toy")
+    def run_toy(config, inputs, run):
+        (run.out_dir / "final").mkdir(parents=True)
+        (run.out_dir / "final" / "w.txt").write_text("weights")
+        return StageOutput(final=run.out_dir / "final", steps=1, artifacts={"plot": "plot.png"},
+                           metrics={"extra": str(run.out_dir / "final-b"), "other": str(tmp_path / "elsewhere"),
+                                    "sibling": str(run.out_dir) + "-not-inside"})
+
+    cfg = PipelineConfig(overrides={"x": 1})
+    first = run_toy(cfg, PipelineConfig(), tmp_path / "a" / "toy")
+    written = (tmp_path / "a" / "toy" / "result.json").read_bytes()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    again = run_toy(cfg, PipelineConfig(), tmp_path / "b" / "toy")  # finished: returned, not re-run
+    here = (tmp_path / "b" / "toy").resolve()
+    assert again.out_dir == str(here) and again.final == str(here / "final") and Path(again.final, "w.txt").is_file()
+    assert again.metrics == {"extra": str(here / "final-b"), "other": str(tmp_path / "elsewhere"),
+                             "sibling": first.metrics["sibling"]}
+    assert again.artifacts == {"plot": "plot.png"} and again.config == first.config
+    assert (tmp_path / "b" / "toy" / "result.json").read_bytes() == written  # the stages after it still match
+    assert load_result(tmp_path / "b" / "toy") == again
 
 
 # --------------------------------------------------------------------------------------------------------------
