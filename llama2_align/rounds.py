@@ -320,8 +320,21 @@ class Start(BaseModel):
 
 
 def load_round(plan: ResolvedRounds, r: int) -> RoundRecord | None:
+    """Round r's record, or None while it is not finished. A rounds run moved to another runs root (``runs_root`` may
+    change between invocations) or copied: the paths its record names inside the old run directory (the round's
+    policy, reward models, pairs so far) are read as inside this one, as finished stages are
+    (``stages.common.moved_to``)."""
+    from .stages.common import relocate
+
     path = plan.round_dir(r) / ROUND_FILE
-    return RoundRecord.model_validate_json(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    record = RoundRecord.model_validate_json(path.read_text())
+    old_round = Path(record.preferences).parent  # every round writes its pairs so far to rounds/<r>/preferences.jsonl
+    old = old_round.parent.parent
+    if old_round.name != str(r) or old_round.parent.name != ROUNDS_DIR or old.resolve() == plan.run_dir.resolve():
+        return record
+    return RoundRecord.model_validate(relocate(record.model_dump(mode="json"), str(old), str(plan.run_dir.resolve())))
 
 
 def starting_point(records: list[RoundRecord], sft: str, reward_models: dict[str, str], preferences: str) -> Start:

@@ -254,18 +254,20 @@ def moved_to(result: StageResult, out_dir: Path) -> StageResult:
     if not old or Path(old).resolve() == out_dir.resolve():
         return result
     new = str(out_dir.resolve())
+    return result.model_copy(update={"out_dir": new, **{k: relocate(getattr(result, k), old, new)
+                                                         for k in ("final", "metrics", "artifacts")}})
 
-    def rebase(x: Any) -> Any:
-        if isinstance(x, str):
-            return new + x[len(old):] if x == old or x.startswith(old + "/") else x
-        if isinstance(x, dict):
-            return {k: rebase(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [rebase(v) for v in x]
-        return x
 
-    return result.model_copy(update={"out_dir": new, "final": rebase(result.final), "metrics": rebase(result.metrics),
-                                     "artifacts": rebase(result.artifacts)})
+def relocate(value: Any, old: str, new: str) -> Any:
+    """``value`` (a path string, or JSON holding some) with every path inside the directory ``old`` moved under
+    ``new``; everything else as it was."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old + "/") else value
+    if isinstance(value, dict):
+        return {k: relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, old, new) for v in value]
+    return value
 
 
 #: Config fields that say how a stage ran, not what it computed: a finished stage is reused whatever their values

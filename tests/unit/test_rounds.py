@@ -97,6 +97,36 @@ def test_the_next_round_starts_from_the_last_promoted_policy():
     assert (two.policy, two.before) == ("rounds/2/final", "rounds/1/final")
 
 
+def test_a_rounds_run_moved_to_another_runs_root_reads_its_rounds_where_they_are(tmp_path):
+    import shutil
+
+    from llama2_align.io import atomic_write_json
+
+    cfg = lib.RoundsConfig(preset="demo-micro", runs_root=str(tmp_path / "a"))
+    here = lib.resolve_rounds(cfg)
+    old = str(here.run_dir.resolve())
+    for r, promoted in ((1, True), (2, False)):
+        rec = _record(r, promoted).model_dump(mode="json")
+        rec.update(candidate=f"{old}/rounds/{r}/rejection-sampling/final", started_from=f"{old}/sft/final",
+                   reward_models={"helpfulness": f"{old}/rounds/{r}/reward-helpfulness/final",
+                                  "safety": f"{old}/rounds/{r}/reward-safety/final"},
+                   preferences=f"{old}/rounds/{r}/preferences.jsonl", collect={"elsewhere": "/data/prompts.jsonl"})
+        atomic_write_json(here.round_dir(r) / lib.ROUND_FILE, rec)
+    assert lib.load_round(here, 1).candidate == f"{old}/rounds/1/rejection-sampling/final"  # not moved: as written
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    there = lib.resolve_rounds(cfg.model_copy(update={"runs_root": str(tmp_path / "b")}))
+    new = str(there.run_dir.resolve())
+    records = lib.completed_rounds(there)
+    assert [r.candidate for r in records] == [f"{new}/rounds/1/rejection-sampling/final",
+                                              f"{new}/rounds/2/rejection-sampling/final"]
+    assert records[1].started_from == f"{new}/sft/final" and records[1].collect == {"elsewhere": "/data/prompts.jsonl"}
+    start = lib.starting_point(records, f"{new}/sft/final", {}, "prefs0")
+    assert (start.policy, start.reward_models["safety"], start.preferences) == (
+        f"{new}/rounds/1/rejection-sampling/final", f"{new}/rounds/2/reward-safety/final",
+        f"{new}/rounds/2/preferences.jsonl")
+    assert records[0].staleness == _record(1, True).staleness and records[1].gate == _record(2, False).gate
+
+
 def test_config_resolution_and_refusals(tmp_path):
     plan = lib.resolve_rounds(lib.RoundsConfig(preset="demo-micro", rounds=4, methods=["rs", "rs+ppo"],
                                                runs_root=str(tmp_path),
