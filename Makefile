@@ -44,8 +44,11 @@ install-llamacpp: $(VENV)/.installed-llamacpp
 demo: install
 	$(PY) -m flows.cli run --preset demo-tiny
 
+# The suite in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them (--dist loadfile: a file's
+# module fixtures are built once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: install-llamacpp lint
-	$(PY) -m pytest -q --durations=30
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 test-quick: install lint
 	$(PY) -m pytest -q -m "not slow"
