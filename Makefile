@@ -15,12 +15,18 @@ export PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL ?= WARNING
 PREFECT_PORT ?= 4200
 WORK_POOL ?= llama2-gpu
 
-.PHONY: install install-llamacpp demo test test-quick lint server worker deploy clean
+.PHONY: install install-base install-llamacpp demo test test-quick lint server worker deploy clean
 
-$(VENV)/.installed: pyproject.toml
+# torch and the project: all `make demo` needs. `make install` adds the extras (dev tools, tracking, sweeps): about a
+# minute more on 2 cores, kept out of the demo's 10 minutes.
+$(VENV)/.installed-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-base
 	$(PIP) install -q -e ".[dev,tracking,sweep]"
 	touch $@
 
@@ -37,11 +43,13 @@ $(VENV)/.installed-llamacpp: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q -e ".[dev,tracking,sweep,llamacpp]"
 	touch $@
 
+install-base: $(VENV)/.installed-base
+
 install: $(VENV)/.installed
 
 install-llamacpp: $(VENV)/.installed-llamacpp
 
-demo: install
+demo: install-base
 	$(PY) -m flows.cli run --preset demo-tiny
 
 # The suite in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them (--dist loadfile: a file's
