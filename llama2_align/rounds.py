@@ -331,10 +331,10 @@ def load_round(plan: ResolvedRounds, r: int) -> RoundRecord | None:
         return None
     record = RoundRecord.model_validate_json(path.read_text())
     old_round = Path(record.preferences).parent  # every round writes its pairs so far to rounds/<r>/preferences.jsonl
-    old = old_round.parent.parent
-    if old_round.name != str(r) or old_round.parent.name != ROUNDS_DIR or old.resolve() == plan.run_dir.resolve():
+    old, here = old_round.parent.parent, plan.run_dir.resolve()
+    if old_round.name != str(r) or old_round.parent.name != ROUNDS_DIR or old.resolve() == here:
         return record
-    return RoundRecord.model_validate(relocate(record.model_dump(mode="json"), str(old), str(plan.run_dir.resolve())))
+    return RoundRecord.model_validate(relocate(record.model_dump(mode="json"), str(old), str(here)))
 
 
 def starting_point(records: list[RoundRecord], sft: str, reward_models: dict[str, str], preferences: str) -> Start:

@@ -250,10 +250,10 @@ def moved_to(result: StageResult, out_dir: Path) -> StageResult:
     (``out_dir``, ``final``, paths in ``metrics`` and ``artifacts``) are read as inside ``out_dir``, so the stages
     after it load the copy's checkpoints, not the original's (which may be gone). The file is left as it is: its
     hash is the stage's identity for the stages after it."""
-    old = result.out_dir.rstrip("/")
-    if not old or Path(old).resolve() == out_dir.resolve():
+    old, here = result.out_dir.rstrip("/"), out_dir.resolve()
+    if not old or Path(old).resolve() == here:
         return result
-    new = str(out_dir.resolve())
+    new = str(here)
     return result.model_copy(update={"out_dir": new, **{k: relocate(getattr(result, k), old, new)
                                                          for k in ("final", "metrics", "artifacts")}})
 

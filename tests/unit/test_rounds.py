@@ -4,6 +4,7 @@ state checks, the pairs to label, the round's data split and the rounds report."
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -98,8 +99,6 @@ def test_the_next_round_starts_from_the_last_promoted_policy():
 
 
 def test_a_rounds_run_moved_to_another_runs_root_reads_its_rounds_where_they_are(tmp_path):
-    import shutil
-
     from llama2_align.io import atomic_write_json
 
     cfg = lib.RoundsConfig(preset="demo-micro", runs_root=str(tmp_path / "a"))
