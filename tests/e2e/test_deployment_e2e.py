@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import finished, wait_for_task_runs
+
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,7 +169,7 @@ async def _exercise(api_url: str, runs_root: Path, logs: dict[str, Path]) -> Non
                                           f"worker log:\n{logs['worker'].read_text()[-6000:]}")
 
         only_this_run = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-        task_runs = await client.read_task_runs(flow_run_filter=only_this_run)
+        task_runs = await wait_for_task_runs(client, [run.id], finished(STAGE_TASKS))
         states = {t.name: t.state.type.value for t in task_runs}
         for name in STAGE_TASKS:
             assert states.get(name) == "COMPLETED", states
@@ -204,8 +206,6 @@ async def _load(client, dep, runs_root: Path, logs: dict[str, Path]) -> None:
     """Four pipeline runs submitted at once (the worker takes them all) with the `gpu` limit at 1: all finish, no
     two GPU-tagged stages overlap in time, and no run touches another's files (each run's files were all written
     while that run was running, inside its own run directory)."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     t0 = time.monotonic()
     quick = {"sft.max_steps": 4, "sft.eval_steps": 2, "sft.save_steps": 2, "reward_helpfulness.max_steps": 2,
              "reward_safety.max_steps": 2, "ppo.iterations": 2, "eval.max_new_tokens": 8}  # concurrency, not learning
@@ -216,8 +216,10 @@ async def _load(client, dep, runs_root: Path, logs: dict[str, Path]) -> None:
     for run in runs:
         assert run.state.is_completed(), (f"{run.name} ended {run.state.name}: {run.state.message}\n"
                                           f"worker log:\n{logs['worker'].read_text()[-6000:]}")
-    these_runs = FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs]))
-    task_runs = await client.read_task_runs(flow_run_filter=these_runs)
+    def all_gpu_stages_finished(found) -> bool:  # each run's five GPU-tagged stages
+        return sum("gpu" in t.tags and t.state is not None and t.state.is_final() for t in found) >= LOAD_RUNS * 5
+
+    task_runs = await wait_for_task_runs(client, [r.id for r in runs], all_gpu_stages_finished)
     gpu = sorted(((t.start_time, t.end_time, t.name, t.flow_run_id) for t in task_runs if "gpu" in t.tags),
                  key=lambda x: x[0])
     assert len(gpu) == LOAD_RUNS * 5, [(n, str(f)) for _, _, n, f in gpu]

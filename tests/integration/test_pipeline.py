@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.integration.helpers import task_states
+
 pytestmark = pytest.mark.slow
 
 STAGES = ("sft", "reward-helpfulness", "reward-safety", "ppo", "eval", "export")
 
-
-def _task_states(flow_run_id) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read():
-        async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return {r.name: r.state.name for r in runs}
-
-    return asyncio.run(read())
 
 
 def test_pipeline_micro_runs_reports_and_caches(prefect_server, tmp_path):
@@ -50,12 +40,12 @@ def test_pipeline_micro_runs_reports_and_caches(prefect_server, tmp_path):
     assert "demo_bar" in report and out["report_md"].endswith("report.md")
     export = tmp_path / "micro" / "export"  # the optional export step: the PPO policy as HF and GGUF
     assert (export / "hf" / "model.safetensors").exists() and (export / "model-f16.gguf").stat().st_size > 0
-    first = _task_states(state.state_details.flow_run_id)
+    first = task_states(state.state_details.flow_run_id, STAGES)
     assert all(first[n] == "Completed" for n in STAGES), first
 
     again = rlhf_pipeline(config=cfg, return_state=True)
     assert again.is_completed(), again.message
-    states = _task_states(again.state_details.flow_run_id)
+    states = task_states(again.state_details.flow_run_id, STAGES)
     assert all(states[n] == "Cached" for n in STAGES), states
 
     # the same run name on another demo seed: refused before anything runs, the finished run's data kept
@@ -167,7 +157,7 @@ def test_pipeline_with_rejection_sampling(prefect_server, tmp_path):
     assert set(report["eval"]) == {"sft", "rs", "ppo"}
     ppo_inputs = json.loads((tmp_path / "rs" / "ppo" / "result.json").read_text())["inputs"]
     assert ppo_inputs["policy"]["path"].endswith("rejection-sampling/final")
-    states = _task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id, ("rejection-sampling", "reward-helpfulness", "reward-safety"))
     assert states["rejection-sampling"] == "Completed"
     assert states["reward-helpfulness"] == states["reward-safety"] == "Completed"
     for kind in ("helpfulness", "safety"):

@@ -13,6 +13,7 @@ import torch
 from llama2_align.pipeline import preset_config
 from llama2_align.stages.reward import RewardConfig
 from llama2_align.stages.sft import SFTConfig
+from tests.integration.helpers import task_runs
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
@@ -41,14 +42,6 @@ def _artifacts(flow_run_id) -> dict:
     return {a.key: a for a in arts if a.key}
 
 
-def _task_runs(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-
 @pytest.fixture(scope="module")
 def demo(prefect_server, tmp_path_factory):
     from flows.demo_prep import demo_prep
@@ -67,7 +60,7 @@ def _run_sft(demo, run_dir):
     state = sft(data=demo["sft"], out_dir=str(run_dir / "sft"), base="micro", tokenizer=demo["tokenizer"],
                 config=_sft_config(), return_state=True)
     assert state.is_completed(), state.message
-    (task_run,) = _task_runs(state.state_details.flow_run_id)
+    (task_run,) = task_runs(state.state_details.flow_run_id, ("sft",))
     return state, task_run
 
 
@@ -114,8 +107,8 @@ def test_reward_flow_trains_both_models_and_publishes_accuracy_tables(demo, run_
     results = state.result()
     assert set(results) == {"helpfulness", "safety"}
     assert "unsafe_recall" in results["safety"]["metrics"]
-    task_runs = _task_runs(state.state_details.flow_run_id)
-    assert {t.name: t.state.name for t in task_runs} == {"reward-helpfulness": "Completed",
+    runs = task_runs(state.state_details.flow_run_id, ("reward-helpfulness", "reward-safety"))
+    assert {t.name: t.state.name for t in runs} == {"reward-helpfulness": "Completed",
                                                          "reward-safety": "Completed"}
     # Submitted together to a process pool: each trained in its own worker process (so they can overlap; on the
     # micro preset they are too quick for a wall-clock overlap check to be reliable).
@@ -138,7 +131,7 @@ def test_validation_error_fails_at_once_with_its_message(demo, tmp_path):
     state = sft(data=str(bad), out_dir=str(tmp_path / "sft"), base="micro", tokenizer=demo["tokenizer"],
                 config=_sft_config(), return_state=True)
     assert state.is_failed()
-    (task_run,) = _task_runs(state.state_details.flow_run_id)
+    (task_run,) = task_runs(state.state_details.flow_run_id, ("sft",))
     assert task_run.state.name == "Failed" and task_run.run_count == 1  # never retried
     assert "DataValidationError" in task_run.state.message and "bad.jsonl" in task_run.state.message
     assert not (tmp_path / "sft" / "result.json").exists()

@@ -4,29 +4,15 @@ from the cache, and no trial directory holds a copy of them)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
-from tests.integration.helpers import latest_artifact
+from tests.integration.helpers import latest_artifact, task_states
 
 pytestmark = pytest.mark.slow
 
 SHARED = ("sft", "reward-helpfulness", "reward-safety")
-
-
-def _task_states(flow_run_id: str) -> dict[str, str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read():
-        async with get_client() as client:
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return {r.name: r.state.name for r in runs}
-
-    return asyncio.run(read())
-
 
 
 def test_beta_sweep_micro_shares_sft_and_reward_models(prefect_server, tmp_path):
@@ -72,7 +58,7 @@ def test_beta_sweep_micro_shares_sft_and_reward_models(prefect_server, tmp_path)
     assert "data:image/png;base64," in latest_artifact("rlhf-sweep")
 
     # the shared stages ran once: in the first trial; the second one's tasks were served from the cache
-    first, second = (_task_states(t["flow_run_id"]) for t in trials)
+    first, second = (task_states(t["flow_run_id"], (*SHARED, "ppo", "eval")) for t in trials)
     assert all(first[s] == "Completed" for s in SHARED), first
     assert all(second[s] == "Cached" for s in SHARED), second
     assert second["ppo"] == "Completed" and second["eval"] == "Completed"
