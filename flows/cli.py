@@ -79,7 +79,7 @@ def _start_local_api():
 
 
 TrackingOption = Annotated[Optional[list[str]], typer.Option(
-    "--tracking", help="Track the run in mlflow and/or tensorboard (repeatable; needs the [tracking] extra).")]
+    "--tracking", help="Track the run in mlflow and/or tensorboard (repeatable; needs the \\[tracking] extra).")]
 TrackingUriOption = Annotated[Optional[str], typer.Option(
     "--tracking-uri", help="MLflow tracking URI (default: sqlite:///<runs-root>/mlflow.db).")]
 
