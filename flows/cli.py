@@ -32,6 +32,9 @@ def _preflight(config: Path | None, set_: list[str] | None, given: dict, check_i
     try:
         fields = load_config_file(config) if config is not None else {}
         fields.update({k: v for k, v in given.items() if v is not None})
+        if not isinstance(fields.get("overrides") or {}, dict):
+            raise ConfigError(f"{config or 'config'}: overrides: expected a mapping of field to value, e.g. "
+                              f"{{\"ppo.iterations\": 50}}; got {type(fields['overrides']).__name__}")
         overrides = dict(fields.get("overrides") or {})
         overrides.update(parse_override(item) for item in (set_ or []))
         fields["overrides"] = overrides
@@ -248,22 +251,31 @@ def _log_to_file(run_dir: Path) -> Path:
     return path
 
 
-def _sweep_config(name, grid, optuna_trials, space, objective, seed, pipeline_config):
-    """The SweepConfig from the command line, every trial resolved once to refuse a bad value now."""
+def _sweep_config(name, grid, optuna_trials, space, objective, seed, pipeline_config, check_inputs: bool = True):
+    """The SweepConfig from the command line, every trial resolved once to refuse a bad value now, and (unless
+    only printing the plan) the first trial's pre-flight: a bad input exits 1, a bad setting 2, before any trial."""
     from pydantic import ValidationError
 
+    from llama2_align.errors import ConfigError, InputError
     from llama2_align.sweep import SweepConfig, check_sweep, parse_grid
 
     try:
         fields: dict = {"name": name, "pipeline": pipeline_config, "grid": dict(parse_grid(g) for g in grid or [])}
         if optuna_trials is not None or space:
-            opt: dict = {"trials": optuna_trials or 8, "seed": seed,
+            opt: dict = {"trials": 8 if optuna_trials is None else optuna_trials, "seed": seed,
                          "space": dict(item.split("=", 1) if "=" in item else (item, "") for item in space or [])}
             if objective:
                 opt["objectives"] = objective
             fields["optuna"] = opt
+        elif objective:
+            raise ValueError("--objective: a grid has no objective (its summary ranks every metric); it goes with "
+                             "--optuna")
         sweep = SweepConfig.model_validate(fields)
-        return sweep, check_sweep(sweep)
+        return sweep, check_sweep(sweep, check_inputs=check_inputs)
+    except ConfigError as err:
+        fail(f"invalid sweep: {err}", EXIT_USAGE)
+    except InputError as err:
+        fail(str(err), EXIT_REFUSED)
     except (ValidationError, ValueError) as err:
         fail(f"invalid sweep: {err}", EXIT_USAGE)
 
@@ -302,7 +314,8 @@ def sweep(
                                                     "rejection_sampling": rejection_sampling,
                                                     "tracking": tracking or None, "tracking_uri": tracking_uri},
                                     check_inputs=False)
-    sweep_config, trials = _sweep_config(name, grid, optuna_trials, space, objective, seed, pipeline_config)
+    sweep_config, trials = _sweep_config(name, grid, optuna_trials, space, objective, seed, pipeline_config,
+                                         check_inputs=not print_plan)
     if print_plan:
         typer.echo(json.dumps({"sweep_dir": str(sweep_config.dir), "method": "optuna" if sweep_config.optuna else
                                "grid", "optuna": sweep_config.optuna and sweep_config.optuna.model_dump(),
@@ -328,6 +341,11 @@ def sweep(
     typer.echo(f"wall time {t['wall_s']:.0f} s; the shared stages ({t['shared_s']:.0f} s) ran once: "
                f"{100 * t['saved_fraction']:.0f}% saved against {t['trials']} independent runs (estimate)")
     typer.echo(f"summary: {out['sweep_md']} (and sweep.json, the Pareto plots beside it)")
+    failed = [t["name"] for t in summary["trials"] if t["status"] != "completed"]
+    if failed:
+        typer.echo(f"\nerror: {len(failed)} of {len(summary['trials'])} trials failed ({', '.join(failed)}); each "
+                   "one's error is in the summary. Run the same command again to resume them.", err=True)
+        raise typer.Exit(EXIT_REFUSED)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -464,8 +482,8 @@ def rounds_resume(
     except Exception as err:
         typer.echo(f"could not resume flow run {paused['flow_run_id']} ({type(err).__name__}: {err}). The labels "
                    f"are in place: run `llama2-align rounds --run-name {run}` with the same config again, and round "
-                   f"{paused['round']} goes on from them.")
-        return
+                   f"{paused['round']} goes on from them.", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
     typer.echo(f"resumed flow run {paused['flow_run_id']}: round {paused['round']} goes on")
 
 

@@ -16,7 +16,7 @@ from prefect import flow
 from flows.common import say
 from flows.pipeline import rlhf_pipeline
 from llama2_align.pipeline import PipelineConfig
-from llama2_align.sweep import SweepConfig, run_sweep
+from llama2_align.sweep import SweepConfig, check_sweep, run_sweep
 from tasks.sweep import sweep_report_task
 
 
@@ -40,6 +40,7 @@ def rlhf_sweep(sweep: SweepConfig = SweepConfig(name="beta", grid={"ppo.kl_beta"
     start = time.perf_counter()
     say(f"sweep {sweep.name} in {sweep.dir}: {'optuna' if sweep.optuna else 'grid'} over "
         f"{', '.join(sweep.optuna.space if sweep.optuna else sweep.grid)}")
+    check_sweep(sweep)  # the first trial's pre-flight: bad data or a bad base model refused once, before any trial
     records = run_sweep(sweep, run_trial, log=say)
     out = sweep_report_task(sweep, records, time.perf_counter() - start)
     say(f"sweep finished; summary: {out['sweep_md']}")

@@ -410,7 +410,8 @@ def evaluate(
     """Evaluate checkpoints against a baseline: safety (violations, false refusals) and helpfulness (RM win rate)."""
     from pydantic import ValidationError
 
-    from .pipeline import parse_override, preset_config
+    from .errors import ConfigError
+    from .pipeline import PIPELINE_PRESETS, PipelineConfig, parse_override, resolve
     from .stages.evaluate import EvalInputs, run_eval
 
     def named(spec: str) -> tuple[str, str]:
@@ -428,12 +429,22 @@ def evaluate(
     for name, path in ckpts.items():
         if not Path(path).is_dir():
             fail(f"{path}: no such checkpoint directory ({name})")
+    if preset not in PIPELINE_PRESETS:
+        fail(f"unknown preset {preset!r}; available presets: {', '.join(PIPELINE_PRESETS)}", EXIT_USAGE)
+    try:  # the preset's eval section with --set over it, checked as `run --set eval.<field>=...` is
+        fields = dict(parse_override(s) for s in (set_ or []))
+        cfg = resolve(PipelineConfig(preset=preset, overrides={f"eval.{k}": v for k, v in fields.items()})).eval
+    except ConfigError as err:
+        fail(str(err).replace("override 'eval.", "--set '"), EXIT_USAGE)
+    except ValidationError as err:
+        fail("--set: " + "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in err.errors()),
+             EXIT_USAGE)
     try:
-        cfg = preset_config(preset).eval.model_copy(update=dict(parse_override(s) for s in (set_ or [])))
-        cfg = type(cfg).model_validate(cfg.model_dump())
         result = run_eval(cfg, EvalInputs(checkpoints=ckpts, baseline=base_name, prompts=str(prompts),
                                           reward_helpfulness=str(reward_helpfulness),
                                           reward_safety=str(reward_safety)), out)
+    except (FileExistsError, NotADirectoryError) as err:
+        fail(f"--out {out}: cannot be the evaluation's directory ({err.strerror}: {err.filename})")
     except (ValidationError, ValueError, FileNotFoundError) as err:
         fail(str(err))
     from .report import EVAL_KEYS
@@ -465,12 +476,17 @@ def chat(
     from .model import build_model, freeze
     from .tokenizer import load_tokenizer
 
+    from pydantic import ValidationError
+
+    try:  # the options first: a bad one is refused before the model loads
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except ValidationError as err:
+        fail("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in err.errors()), EXIT_USAGE)
     try:
         model = freeze(build_model(checkpoint, "policy"))
         tok = load_tokenizer(checkpoint)
     except (ValueError, OSError) as err:
         fail(f"cannot load {checkpoint}: {err}")
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     base_history = list(history)

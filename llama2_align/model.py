@@ -247,7 +247,7 @@ def _load_base(source: str | Path, role: str, dtype: torch.dtype, vocab_size: in
         torch.manual_seed(seed)
         return cls(config).to(dtype)
     if kind == "hf":
-        config = _prepare_config(LlamaConfig.from_pretrained(source), role)
+        config = _prepare_config(read_llama_config(source), role)
         # A scalar head initialised from a causal LM has a new `score` and no `lm_head`; that is the point.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
@@ -290,6 +290,34 @@ def _materialise_buffers(model: nn.Module, config: LlamaConfig) -> None:
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")
+
+
+def read_llama_config(source: str | Path) -> LlamaConfig:
+    """A checkpoint directory's config.json as a LlamaConfig; one that is not (a field of the wrong type, bad JSON) is
+    refused with the file and transformers' first lines, not its traceback."""
+    try:
+        return LlamaConfig.from_pretrained(source)
+    except Exception as err:  # OSError, ValueError, huggingface_hub's StrictDataclassError, ...
+        lines = " ".join(str(err).split())[:300]
+        raise InputError(f"{Path(source) / 'config.json'}: not a Llama config: {lines}") from err
+
+
+def saved_role(path: str | Path) -> str | None:
+    """The role a checkpoint directory was saved for: ``policy`` (a causal LM) or a scalar role (``reward``,
+    ``value``), from our meta file, an adapter's task type or config.json's architecture; None when it says none."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        return _adapter_role(path)
+    role = read_model_meta(path).get("role")
+    if role:
+        return role
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "policy"
+    return "reward" if any(a.endswith("ForSequenceClassification") for a in archs) else None
 
 
 def _adapter_role(path: str | Path) -> str:
@@ -373,7 +401,7 @@ def _load_quantized(source: str | Path, role: str, dtype: torch.dtype, device: t
     from peft import prepare_model_for_kbit_training
 
     if source_kind(source) == "hf":  # transformers quantizes tensor by tensor while loading
-        config = _prepare_config(LlamaConfig.from_pretrained(source), role)
+        config = _prepare_config(read_llama_config(source), role)
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:

@@ -154,6 +154,14 @@ def _set_path(tree: dict, dotted: str, value: Any, known: dict) -> None:
             options = ", ".join(sorted(ref)) if isinstance(ref, dict) else "(not a section)"
             raise ConfigError(f"override {dotted!r}: {where} has no field {part!r}; expected one of: {options}")
         if i == len(parts) - 1:
+            if (i == 0 and isinstance(ref[part], dict)) or dotted in SEEDED_SECTIONS:  # a stage's whole section
+                if not isinstance(value, dict):
+                    raise ConfigError(f"override {dotted!r}: {dotted} is a section, not a field: set one of its "
+                                      f"fields ({dotted}.<field>=...) or give it an object, e.g. "
+                                      f"{dotted}={{\"seed\": 1}}")
+                for key, item in value.items():  # an object sets those fields and keeps the others
+                    _set_path(tree, f"{dotted}.{key}", item, known)
+                return
             node[part] = value
         else:
             node = node.setdefault(part, {}) if isinstance(node.get(part), dict) else node[part]

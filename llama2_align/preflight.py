@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .data import DataValidationError, read_records
 from .errors import ConfigError, InputError
-from .model import is_preset, source_kind
+from .model import is_preset, read_llama_config, source_kind
 from .pipeline import PipelineConfig, ResolvedPipeline, resolve
 
 MAX_SHOWN_ISSUES = 20  # bad records listed per data file (the count says how many more)
@@ -167,7 +167,8 @@ def check_run_location(config: PipelineConfig, cfg: ResolvedPipeline, problems: 
 def check_model_inputs(cfg: ResolvedPipeline, problems: Problems) -> None:
     """The base checkpoint is a preset or a model directory; the tokenizer can be found."""
     try:
-        source_kind(cfg.base_model)
+        if source_kind(cfg.base_model) == "hf":
+            read_llama_config(cfg.base_model)
     except InputError as err:
         problems.inputs.append(f"base_model: {err}")
     if cfg.data.source != "files":

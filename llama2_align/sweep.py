@@ -77,7 +77,8 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("sweep", pattern=r"^[A-Za-z0-9._-]+$", description="the sweep directory's name")
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$",
+                      description="the sweep directory's name (no '/', no leading '.')")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="what every trial runs (its "
                                      "run_name is the trial's)")
     grid: dict[str, list[Any]] = Field(default_factory=dict,
@@ -168,9 +169,13 @@ def trial_config(sweep: SweepConfig, index: int, point: dict[str, Any]) -> Pipel
     return base.model_copy(update=update)
 
 
-def check_sweep(sweep: SweepConfig) -> list[PipelineConfig]:
-    """Resolve every grid point (or the study's bounds) now, so a bad value is refused before anything runs.
-    Returns the grid's trial configs (empty for a study)."""
+def check_sweep(sweep: SweepConfig, check_inputs: bool = True) -> list[PipelineConfig]:
+    """Resolve every grid point (or the study's bounds) now, so a bad value is refused before anything runs, and
+    (``check_inputs``) run the pipeline's pre-flight (``preflight.preflight``: base checkpoint, tokenizer, data files,
+    stage settings, memory) on the first trial: what every trial shares is refused once, before any trial runs, not
+    by every trial in turn. Returns the grid's trial configs (empty for a study)."""
+    from .preflight import preflight
+
     if sweep.optuna is not None:
         if find_spec("optuna") is None:
             raise ConfigError("sweep: an Optuna study needs the optuna package; pip install 'llama2-align[sweep]'")
@@ -178,10 +183,14 @@ def check_sweep(sweep: SweepConfig) -> list[PipelineConfig]:
             kind, values = parse_space(key, spec)
             for v in values:
                 resolve(trial_config(sweep, 0, {key: v}))
+        if check_inputs:
+            preflight(trial_config(sweep, 0, {}))
         return []
     configs = [trial_config(sweep, i, p) for i, p in enumerate(grid_points(sweep.grid))]
     for c in configs:
         resolve(c)
+    if check_inputs:
+        preflight(configs[0])
     return configs
 
 
@@ -195,8 +204,9 @@ class SweepAborted(RuntimeError):
 def run_sweep(sweep: SweepConfig, run_trial: TrialFn, log: Callable[[str], None] = print) -> list[dict]:
     """Run every trial, one after another (the first computes the shared stages); returns one record per trial:
     ``{"name", "index", "params", "run_dir", "status", ...whatever run_trial returned}``. A failed trial is
-    recorded and the sweep goes on, unless a shared stage failed (every trial would fail the same way)."""
-    check_sweep(sweep)
+    recorded and the sweep goes on, unless a shared stage failed (every trial would fail the same way). The config
+    is checked here; the inputs' pre-flight is the caller's (``check_sweep``; the flow runs it first)."""
+    check_sweep(sweep, check_inputs=False)
     records: list[dict] = []
 
     def one(index: int, point: dict[str, Any]) -> dict:

@@ -30,7 +30,7 @@ from ..data import EvalRecord, read_records
 from ..errors import ConfigError, InputError
 from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
-from ..model import build_model, freeze
+from ..model import build_model, freeze, saved_role
 from ..stats import paired_bootstrap, per_prompt
 from ..tokenizer import load_tokenizer
 from .common import StageOutput, StageRun, stage
@@ -279,6 +279,11 @@ def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutp
     judge_kind(records, config)  # one judge for all of them, or refused before any generation
     expanded = [r for r in records for _ in range(config.samples_per_prompt)]
     prompts = [r.prompt for r in expanded]
+    for field in ("reward_helpfulness", "reward_safety"):  # a policy given as a reward model scores nothing
+        role = saved_role(getattr(inputs, field))
+        if role not in (None, "reward"):
+            raise InputError(f"{field}: {getattr(inputs, field)}: a {role} checkpoint, not a reward model: give the "
+                             f"directory a reward stage wrote (<run>/reward-{field.split('_')[1]}/final)")
     rm_h = RewardScorer(inputs.reward_helpfulness, dtype=config.dtype, batch_size=config.batch_size)
     rm_s = RewardScorer(inputs.reward_safety, dtype=config.dtype, batch_size=config.batch_size)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,

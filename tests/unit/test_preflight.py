@@ -163,6 +163,84 @@ def test_missing_and_bad_data_files_are_all_reported_with_file_line_and_field(tm
                    tmp_path=tmp_path)
 
 
+def test_a_whole_section_set_to_a_value_is_refused_and_an_object_sets_its_fields(tmp_path):
+    for item in ("sft=5", "gatt.sft=3"):
+        result = run_cli(tmp_path, "--preset", "demo-micro", "--set", item)
+        assert_refused(result, 2, "is a section, not a field", tmp_path=tmp_path)
+    result = run_cli(tmp_path, "--preset", "demo-micro", "--set", 'sft={"learning_rate": "x"}')
+    assert_refused(result, 2, "sft.learning_rate: Input should be a valid number", tmp_path=tmp_path)
+    result = runner.invoke(app, ["run", "--preset", "demo-micro", "--set", 'sft={"learning_rate": 0.1}',
+                                 "--print-config"])
+    cfg = json.loads(result.stdout)
+    assert cfg["sft"]["learning_rate"] == 0.1 and cfg["sft"]["epochs"] == json.loads(runner.invoke(
+        app, ["run", "--preset", "demo-micro", "--print-config"]).stdout)["sft"]["epochs"]  # the others kept
+
+
+def test_overrides_in_a_config_file_must_be_a_mapping(tmp_path):
+    result = run_cli(tmp_path, config={"preset": "demo-micro", "overrides": [1, 2]})
+    assert_refused(result, 2, "overrides: expected a mapping", tmp_path=tmp_path)
+
+
+def test_a_base_checkpoint_whose_config_is_not_a_llama_config_is_refused(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "big"}))
+    result = run_cli(tmp_path, "--preset", "demo-micro", "--set", f"base_model={junk}")
+    assert_refused(result, 1, f"{junk / 'config.json'}: not a Llama config", "hidden_size", tmp_path=tmp_path)
+
+
+def test_a_sweep_with_bad_data_is_refused_once_before_any_trial(tmp_path, files_config):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"nonsense": 1}\n')
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(files_config(sft=str(bad))))
+    result = runner.invoke(app, ["sweep", "--name", "s", "--config", str(config), "--runs-root", str(tmp_path / "runs"),
+                                 "--grid", "ppo.kl_beta=0.1,0.2"])
+    assert_refused(result, 1, "refused before any stage ran", f"{bad}:", tmp_path=tmp_path)
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["..", ".x", "a/b"])
+def test_sweep_names_that_leave_the_runs_root_are_refused(tmp_path, name):
+    result = runner.invoke(app, ["sweep", "--name", name, "--preset", "demo-micro", "--runs-root",
+                                 str(tmp_path / "runs"), "--grid", "ppo.kl_beta=0.1"])
+    assert_refused(result, 2, "name", tmp_path=tmp_path)
+
+
+def test_a_grid_sweep_refuses_an_objective(tmp_path):
+    result = runner.invoke(app, ["sweep", "--preset", "demo-micro", "--runs-root", str(tmp_path / "runs"),
+                                 "--grid", "ppo.kl_beta=0.1", "--objective", "violation_rate:min", "--print-plan"])
+    assert_refused(result, 2, "--objective", "--optuna", tmp_path=tmp_path)
+
+
+def _checkpoint_dir(path: Path, architecture: str | None = None) -> Path:
+    path.mkdir(parents=True)
+    if architecture:
+        (path / "config.json").write_text(json.dumps({"architectures": [architecture]}))
+    return path
+
+
+def test_eval_refuses_a_policy_as_a_reward_model_and_bad_settings_before_loading_anything(tmp_path):
+    policy = _checkpoint_dir(tmp_path / "sft", "LlamaForCausalLM")
+    rm = _checkpoint_dir(tmp_path / "rm", "LlamaForSequenceClassification")
+    common = ["eval", "--checkpoint", str(policy), "--baseline", str(policy), "--prompts",
+              str(SPECS / "eval.sample.jsonl"), "--reward-safety", str(rm), "--out", str(tmp_path / "runs" / "eval")]
+    result = runner.invoke(app, [*common, "--reward-helpfulness", str(policy)])
+    assert_refused(result, 1, "reward_helpfulness", "a policy checkpoint, not a reward model", tmp_path=tmp_path)
+    result = runner.invoke(app, [*common, "--reward-helpfulness", str(rm), "--set", "temprature=0.7"])
+    assert_refused(result, 2, "--set 'temprature'", "temperature", tmp_path=tmp_path)
+    result = runner.invoke(app, [*common, "--reward-helpfulness", str(rm), "--set", "temperature=abc"])
+    assert_refused(result, 2, "temperature", tmp_path=tmp_path)
+    result = runner.invoke(app, [*common, "--reward-helpfulness", str(rm), "--preset", "nope"])
+    assert_refused(result, 2, "unknown preset 'nope'", "demo-tiny", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("option", [["--temperature", "-1"], ["--top-p", "2"], ["--max-new-tokens", "0"]])
+def test_chat_refuses_bad_sampling_options_before_loading_the_model(tmp_path, option):
+    result = runner.invoke(app, ["chat", str(_checkpoint_dir(tmp_path / "ckpt")), *option], input="hi\n")
+    assert result.exit_code == 2 and option[0] in result.output and "Traceback" not in result.output, result.output
+
+
 def test_a_rounds_run_is_refused_before_round_0_with_every_problem(tmp_path, files_config):
     """``llama2-align rounds`` checks round 0's pipeline as a run does, and the rounds' own prompts: a missing data
     file, a bad prompts file of a round and a prompt pool too small for every round are refused together, before
