@@ -7,10 +7,11 @@ pad token; padding with ``<unk>`` keeps EOS meaningful (a scalar head reads the 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .chat import LLAMA2_CHAT_TEMPLATE
 from .errors import InputError, InputNotFoundError
@@ -18,8 +19,31 @@ from .errors import InputError, InputNotFoundError
 SPM_FILE = "tokenizer.model"
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048, seed: int = 0) -> Path:
-    """Train a SentencePiece BPE tokenizer with Llama 2's settings and save it as an HF tokenizer directory.
+#: What a trained tokenizer directory was trained with (vocab size, seed, and the caller's settings).
+TRAINED_WITH_FILE = "llama2_align_tokenizer.json"
+
+
+def trained_with(path: str | Path) -> dict | None:
+    """The settings a tokenizer directory was trained with here, or None (not trained by train_tokenizer)."""
+    f = Path(path) / TRAINED_WITH_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def ensure_tokenizer(texts: Callable[[], Iterable[str]], out_dir: str | Path, vocab_size: int, seed: int,
+                     settings: dict | None = None) -> Path:
+    """``out_dir`` as a tokenizer trained with these settings: kept when it already is one, trained (``texts()``)
+    when it is missing, replaced when it was trained with other settings (a run's demo data regenerated with another
+    seed or vocabulary size must not keep the old tokenizer). A directory that records no settings is kept."""
+    wanted = {"vocab_size": vocab_size, "seed": seed, **(settings or {})}
+    if Path(out_dir).exists() and trained_with(out_dir) in (None, wanted):
+        return Path(out_dir)
+    return train_tokenizer(texts(), out_dir, vocab_size, seed=seed, settings=settings)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048, seed: int = 0,
+                    settings: dict | None = None) -> Path:
+    """Train a SentencePiece BPE tokenizer with Llama 2's settings and save it as an HF tokenizer directory, with
+    what it was trained with (``TRAINED_WITH_FILE``: the vocabulary size, the seed and ``settings``).
 
     Settings as Llama 2's ``tokenizer.model``: BPE, byte fallback, digits split, unk/bos/eos = 0/1/2, no pad piece,
     identity normalisation with whitespace kept as it is, a dummy prefix space.
@@ -58,6 +82,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
             )
             shutil.copy(Path(work) / "tokenizer.model", tmp / SPM_FILE)
         save_tokenizer(load_tokenizer(tmp), tmp)
+        (tmp / TRAINED_WITH_FILE).write_text(json.dumps({"vocab_size": vocab_size, "seed": seed, **(settings or {})}))
     return out_dir
 
 

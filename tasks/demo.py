@@ -11,7 +11,7 @@ from llama2_align.demo_dialogues import corpus_texts, write_extended_sft
 from llama2_align.demo_world import DemoSizes, generate_demo_world, write_demo_datasets
 from llama2_align.io import atomic_write_json
 from llama2_align.pipeline import DEMO_DATA_RECORD, demo_data_record
-from llama2_align.tokenizer import train_tokenizer
+from llama2_align.tokenizer import ensure_tokenizer
 
 from .common import RETRIES, retry_transient
 
@@ -25,7 +25,8 @@ def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro
                    vocab_size: int = 2048, dialogues: bool = False, preprompts: bool = False,
                    evasive: bool = False) -> dict[str, str]:
     """Write the demo datasets and tokenizer under ``out_dir``; returns ``{"sft", "preference", "prompts", "eval",
-    "tokenizer"}`` paths. Deterministic for a seed; the tokenizer is kept when it already exists.
+    "tokenizer"}`` paths. Deterministic for a seed; the tokenizer is kept when it already exists with these settings
+    (seed, sizes, vocabulary size), and trained again when they changed.
 
     ``dialogues`` / ``preprompts`` (GAtt / context distillation): the SFT set is ``sft_extended.jsonl``, the world's
     demonstrations followed by the extra ones (``llama2_align.demo_dialogues``), and the tokenizer, trained on their
@@ -41,9 +42,11 @@ def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro
         sft, extra = write_extended_sft(Path(out_dir) / "data", seed, demo_sizes(sizes), dialogues, preprompts)
         paths["sft"] = str(sft)
     tok_dir = Path(out_dir) / "+".join(["tokenizer"] + extras)
-    if not tok_dir.exists():
-        texts = generate_demo_world(seed, demo_sizes(sizes)).corpus_texts() + (corpus_texts(extra) if extra else [])
-        train_tokenizer(list(dict.fromkeys(texts)), tok_dir, vocab_size, seed=seed)
+    def texts() -> list[str]:
+        world = generate_demo_world(seed, demo_sizes(sizes)).corpus_texts()
+        return list(dict.fromkeys(world + (corpus_texts(extra) if extra else [])))
+
+    ensure_tokenizer(texts, tok_dir, vocab_size, seed, settings={"sizes": sizes})
     paths["tokenizer"] = str(tok_dir)
     atomic_write_json(Path(out_dir) / "data" / DEMO_DATA_RECORD,
                       demo_data_record(seed, sizes, vocab_size, dialogues, preprompts, evasive))

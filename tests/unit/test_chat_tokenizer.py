@@ -10,7 +10,8 @@ import sentencepiece as spm
 
 from llama2_align.chat import (LLAMA2_CHAT_TEMPLATE, ChatFormatError, encode_dialog, encode_prompt, encode_response,
                                prompt_messages, render_text)
-from llama2_align.tokenizer import SPM_FILE, load_tokenizer, save_tokenizer, train_tokenizer
+from llama2_align.tokenizer import (SPM_FILE, TRAINED_WITH_FILE, ensure_tokenizer, load_tokenizer,
+                                    save_tokenizer, train_tokenizer, trained_with)
 
 VOCAB = 300
 
@@ -208,6 +209,28 @@ def test_vocab_size_is_honoured(tmp_path, size):
     out = train_tokenizer(texts, tmp_path / "t", vocab_size=size)
     assert spm.SentencePieceProcessor(model_file=str(out / SPM_FILE)).get_piece_size() == size
     assert len(load_tokenizer(out)) == size
+
+
+def test_a_tokenizer_is_trained_again_only_when_its_settings_changed(tmp_path):
+    texts = [f"the cat sat on mat number {i} with {i * 7} apples" for i in range(200)]
+    calls = []
+
+    def corpus():
+        calls.append(1)
+        return texts
+
+    def size(path):
+        return spm.SentencePieceProcessor(model_file=str(path / SPM_FILE)).get_piece_size()
+
+    out = ensure_tokenizer(corpus, tmp_path / "t", 300, seed=0, settings={"sizes": "micro"})
+    assert size(out) == 300 and trained_with(out) == {"vocab_size": 300, "seed": 0, "sizes": "micro"}
+    ensure_tokenizer(corpus, out, 300, seed=0, settings={"sizes": "micro"})  # the same settings: kept
+    assert len(calls) == 1
+    ensure_tokenizer(corpus, out, 330, seed=0, settings={"sizes": "micro"})  # another vocabulary: trained again
+    assert len(calls) == 2 and size(out) == 330 and trained_with(out)["vocab_size"] == 330
+    (out / TRAINED_WITH_FILE).unlink()  # one that records nothing (an older run's) is kept as it is
+    ensure_tokenizer(corpus, out, 300, seed=1)
+    assert len(calls) == 2 and size(out) == 330
 
 
 def test_empty_corpus_is_refused(tmp_path):
