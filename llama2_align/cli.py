@@ -472,11 +472,11 @@ def chat(
 
     if not checkpoint.is_dir():
         fail(f"{checkpoint}: no such checkpoint directory")
+    from pydantic import ValidationError
+
     from .generation import GenerationSettings, stream_text
     from .model import build_model, freeze
     from .tokenizer import load_tokenizer
-
-    from pydantic import ValidationError
 
     try:  # the options first: a bad one is refused before the model loads
         settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
