@@ -48,20 +48,43 @@ def _preflight(config: Path | None, set_: list[str] | None, given: dict, check_i
         fail(str(err), EXIT_REFUSED)
 
 
-def _validation_message(err, config_file: Path | None) -> str:
+def _section_model(root, loc: tuple):
+    """The pydantic model that holds the last part of ``loc``, walking ``root``'s fields (PipelineConfig's ``data``
+    is a DataSettings, SweepConfig's ``pipeline`` a PipelineConfig, ...)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    model = root
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        inner = [a for a in (field.annotation, *typing.get_args(field.annotation))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            break
+        model = inner[0]
+    return model
+
+
+def _validation_message(err, config_file: Path | None, root=None) -> str:
     """pydantic's errors as ``field: message`` lines, naming where they came from; an unknown field lists the
-    known ones."""
-    from llama2_align.pipeline import DataSettings, PipelineConfig
+    known ones of its section (``root``: the config's model, PipelineConfig by default)."""
+    from llama2_align.pipeline import PipelineConfig
 
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "config"
         if e.get("type") == "extra_forbidden":
-            model = DataSettings if e["loc"][:1] == ("data",) else PipelineConfig
+            model = _section_model(root or PipelineConfig, tuple(e["loc"]))
             lines.append(f"{loc}: unknown field; expected one of: {', '.join(model.model_fields)}")
         else:
             got = "" if e.get("type") == "missing" or isinstance(e.get("input"), dict) else f", got {e['input']!r}"
-            lines.append(f"{loc}: {e['msg']}{got}")
+            msg = e["msg"]
+            if e.get("type") == "string_pattern_mismatch" and str(e["loc"][-1]) in ("name", "run_name"):
+                msg = "a directory's name: letters, digits, '.', '_' and '-', not starting with '.'"
+            lines.append(f"{loc}: {msg}{got}")
     where = f" ({config_file} or the command line)" if config_file else ""
     return where + ":\n  " + "\n  ".join(lines)
 
@@ -276,7 +299,9 @@ def _sweep_config(name, grid, optuna_trials, space, objective, seed, pipeline_co
         fail(f"invalid sweep: {err}", EXIT_USAGE)
     except InputError as err:
         fail(str(err), EXIT_REFUSED)
-    except (ValidationError, ValueError) as err:
+    except ValidationError as err:
+        fail(f"invalid sweep{_validation_message(err, None, SweepConfig)}", EXIT_USAGE)
+    except ValueError as err:
         fail(f"invalid sweep: {err}", EXIT_USAGE)
 
 
@@ -390,7 +415,9 @@ def _rounds_config(config, fields: dict, set_, round_set, check_inputs: bool = T
         fail(str(err), EXIT_USAGE)
     except InputError as err:
         fail(str(err), EXIT_REFUSED)
-    except (ValidationError, ValueError) as err:
+    except ValidationError as err:
+        fail(f"invalid rounds config{_validation_message(err, config, RoundsConfig)}", EXIT_USAGE)
+    except ValueError as err:
         fail(f"invalid rounds config: {err}", EXIT_USAGE)
 
 

@@ -345,9 +345,14 @@ def _read_json(path: Path, label: str) -> tuple[list[Row], list[DataIssue]]:
 
 
 def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    try:
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    except (pa.ArrowException, OSError) as err:  # not Parquet, truncated, unreadable: the file is refused
+        raise DataValidationError([DataIssue(str(path), None, "file", "a readable Parquet file",
+                                             " ".join(str(err).split())[:200])]) from None
 
 
 def _load_rows(source: Any, name: str | None) -> tuple[str, list[Row], list[DataIssue]]:

@@ -258,7 +258,8 @@ def load_config_file(path: str | Path) -> dict:
     """A JSON or YAML file holding PipelineConfig fields. A syntax error is refused with the file, line and column."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: is a directory; expected a JSON or YAML config file" if path.is_dir()
+                          else f"{path}: no such config file")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml

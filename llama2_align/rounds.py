@@ -355,7 +355,13 @@ def state_path(plan: ResolvedRounds) -> Path:
 
 def read_state(rounds_dir: str | Path) -> dict | None:
     path = Path(rounds_dir) / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:  # written atomically, so only a hand-edit or a disk fault gets here
+        raise InputError(f"{path}: not valid JSON ({err}): restore it, or move the run directory aside to start "
+                         "again") from None
 
 
 #: Fields a rounds run may change between invocations of the same run directory (more rounds, another wait).

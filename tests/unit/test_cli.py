@@ -182,7 +182,12 @@ def test_validate_user_errors_have_no_traceback(tmp_path):
     assert result.exit_code == 1
     assert "expected at least one record" in result.stderr
 
-    for r in (missing, bad_kind, bad_type, wrong_format, result):
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    unreadable = invoke("data", "validate", broken, "-k", "preference")
+    assert unreadable.exit_code == 1 and "expected a readable Parquet file" in unreadable.stderr
+
+    for r in (missing, bad_kind, bad_type, wrong_format, result, unreadable):
         assert "Traceback" not in r.output
         assert r.exception is None or isinstance(r.exception, SystemExit)  # typer.Exit, not a crash
 

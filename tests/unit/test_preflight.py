@@ -204,7 +204,12 @@ def test_a_sweep_with_bad_data_is_refused_once_before_any_trial(tmp_path, files_
 def test_sweep_names_that_leave_the_runs_root_are_refused(tmp_path, name):
     result = runner.invoke(app, ["sweep", "--name", name, "--preset", "demo-micro", "--runs-root",
                                  str(tmp_path / "runs"), "--grid", "ppo.kl_beta=0.1"])
-    assert_refused(result, 2, "name", tmp_path=tmp_path)
+    assert_refused(result, 2, "a directory's name", tmp_path=tmp_path)
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path):
+    result = runner.invoke(app, ["run", "--config", str(tmp_path), "--print-config"])
+    assert result.exit_code == 2 and "is a directory; expected a JSON or YAML config file" in result.output
 
 
 def test_a_grid_sweep_refuses_an_objective(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from llama2_align import rounds as lib
 from llama2_align.data import DataValidationError, read_records, validate_records
-from llama2_align.errors import ConfigError
+from llama2_align.errors import ConfigError, InputError
 from llama2_align.rounds_report import build_rounds_report, figure_points, render_markdown, round_rows, staleness_rows
 
 
@@ -285,3 +285,10 @@ def test_staleness_change_has_a_paired_interval_over_the_pairs():
     from llama2_align.rounds_report import _ci
 
     assert _ci(c).endswith(" better") and _ci(same) == "+0.000 [+0.000, +0.000]"
+
+
+def test_a_damaged_state_file_is_refused_with_its_path(tmp_path):
+    (tmp_path / lib.STATE_FILE).write_text('{"config": ')
+    with pytest.raises(InputError, match=f"{lib.STATE_FILE}: not valid JSON"):
+        lib.read_state(tmp_path)
+    assert lib.read_state(tmp_path / "none") is None
