@@ -82,6 +82,8 @@ def _validation_message(err, config_file: Path | None, root=None) -> str:
         else:
             got = "" if e.get("type") == "missing" or isinstance(e.get("input"), dict) else f", got {e['input']!r}"
             msg = e["msg"]
+            if ", got" in msg:  # pydantic's own "got a number with a fractional part"
+                got = f" ({e['input']!r})" if got else ""
             if e.get("type") == "string_pattern_mismatch" and str(e["loc"][-1]) in ("name", "run_name"):
                 msg = "a directory's name: letters, digits, '.', '_' and '-', not starting with '.'"
             lines.append(f"{loc}: {msg}{got}")
@@ -492,7 +494,7 @@ def rounds_resume(
     if not paused:
         fail(f"rounds run {run} is not waiting for labels (status: {state.get('status')})")
     if not labels.is_file():
-        fail(f"{labels}: no such file")
+        fail(f"{labels}: " + ("a directory; expected the labelled .jsonl file" if labels.is_dir() else "no such file"))
     try:
         records = accept_labels(labels, Path(paused["labels"]))
     except Exception as err:  # InputError: the contract's problems, every one named

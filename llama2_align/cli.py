@@ -9,6 +9,7 @@ with a documented code; a traceback means a bug.
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn, Optional
 
@@ -249,7 +250,8 @@ def export(
     """Export a policy checkpoint for shipping: a plain HF directory, or a GGUF file for llama.cpp (Ollama, LM
     Studio), each with the tokenizer and the Llama 2 chat template."""
     if not checkpoint.is_dir():
-        fail(f"{checkpoint}: no such checkpoint directory")
+        fail(f"{checkpoint}: " + ("a file; expected a checkpoint directory" if checkpoint.exists()
+                                  else "no such checkpoint directory"))
     if format == "gguf" and out.suffix != ".gguf":
         fail(f"{out}: with --format gguf, OUT is the file to write and its name ends in .gguf "
              f"(e.g. {out.with_suffix('.gguf').name})", EXIT_USAGE)
@@ -401,7 +403,9 @@ def evaluate(
     prompts: Annotated[Path, typer.Option("--prompts", help="Evaluation prompts (kind eval).")],
     reward_helpfulness: Annotated[Path, typer.Option("--reward-helpfulness", help="Helpfulness RM directory.")],
     reward_safety: Annotated[Path, typer.Option("--reward-safety", help="Safety RM directory.")],
-    out: Annotated[Path, typer.Option("--out", help="Evaluation stage directory.")] = Path("runs/eval"),
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Evaluation stage directory [default: $LLAMA2_ALIGN_RUNS_ROOT/eval, else runs/eval].",
+        show_default=False)] = None,
     preset: Annotated[str, typer.Option("--preset", help="Take the evaluation settings of this pipeline preset "
                                                          "(demo-tiny, llama2-7b, ...).")] = "demo-tiny",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an eval field, e.g. --set "
@@ -414,8 +418,13 @@ def evaluate(
     from .pipeline import PIPELINE_PRESETS, PipelineConfig, parse_override, resolve
     from .stages.evaluate import EvalInputs, run_eval
 
+    if out is None:
+        out = Path(os.environ.get("LLAMA2_ALIGN_RUNS_ROOT") or "runs") / "eval"
+
     def named(spec: str) -> tuple[str, str]:
         name, sep, path = spec.partition("=")
+        if sep and not (name and path):
+            fail(f"{spec!r}: expected NAME=PATH (both given) or PATH", EXIT_USAGE)
         return (name, path) if sep else (Path(spec).parent.name if Path(spec).name == "final" else Path(spec).name,
                                          spec)
 
@@ -428,7 +437,8 @@ def evaluate(
         ckpts[name] = path
     for name, path in ckpts.items():
         if not Path(path).is_dir():
-            fail(f"{path}: no such checkpoint directory ({name})")
+            fail(f"{path}: " + ("a file; expected a checkpoint directory" if Path(path).exists()
+                                else "no such checkpoint directory") + f" ({name})")
     if preset not in PIPELINE_PRESETS:
         fail(f"unknown preset {preset!r}; available presets: {', '.join(PIPELINE_PRESETS)}", EXIT_USAGE)
     try:  # the preset's eval section with --set over it, checked as `run --set eval.<field>=...` is
@@ -471,7 +481,8 @@ def chat(
     import sys
 
     if not checkpoint.is_dir():
-        fail(f"{checkpoint}: no such checkpoint directory")
+        fail(f"{checkpoint}: " + ("a file; expected a checkpoint directory" if checkpoint.exists()
+                                  else "no such checkpoint directory"))
     from pydantic import ValidationError
 
     from .generation import GenerationSettings, stream_text

@@ -149,10 +149,13 @@ def _set_path(tree: dict, dotted: str, value: Any, known: dict) -> None:
     parts = dotted.split(".")
     node, ref = tree, known
     for i, part in enumerate(parts):
-        if not isinstance(ref, dict) or part not in ref:
+        if not isinstance(ref, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])} is a field, not a section: it has no "
+                              f"{part!r}")
+        if part not in ref:
             where = ".".join(parts[:i]) or "the pipeline config"
-            options = ", ".join(sorted(ref)) if isinstance(ref, dict) else "(not a section)"
-            raise ConfigError(f"override {dotted!r}: {where} has no field {part!r}; expected one of: {options}")
+            raise ConfigError(f"override {dotted!r}: {where} has no field {part!r}; expected one of: "
+                              f"{', '.join(sorted(ref))}")
         if i == len(parts) - 1:
             if (i == 0 and isinstance(ref[part], dict)) or dotted in SEEDED_SECTIONS:  # a stage's whole section
                 if not isinstance(value, dict):
@@ -269,7 +272,12 @@ def load_config_file(path: str | Path) -> dict:
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+            context, opened = getattr(err, "context", None), getattr(err, "context_mark", None)
+            # an unclosed bracket is found at the end of the file: say where it was opened
+            since = f" ({context} opened at line {opened.line + 1}, column {opened.column + 1})" \
+                if context and opened is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', None) or err}{since}") \
+                from None
     else:
         try:
             data = json.loads(text)

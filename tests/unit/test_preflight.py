@@ -238,6 +238,8 @@ def test_eval_refuses_a_policy_as_a_reward_model_and_bad_settings_before_loading
     assert_refused(result, 2, "temperature", tmp_path=tmp_path)
     result = runner.invoke(app, [*common, "--reward-helpfulness", str(rm), "--preset", "nope"])
     assert_refused(result, 2, "unknown preset 'nope'", "demo-tiny", tmp_path=tmp_path)
+    result = runner.invoke(app, [*common, "--reward-helpfulness", str(rm), "--checkpoint", f"={policy}"])
+    assert_refused(result, 2, "expected NAME=PATH", tmp_path=tmp_path)
 
 
 @pytest.mark.parametrize("option", [["--temperature", "-1"], ["--top-p", "2"], ["--max-new-tokens", "0"]])
