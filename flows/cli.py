@@ -43,7 +43,9 @@ def _preflight(config: Path | None, set_: list[str] | None, given: dict, check_i
     except ValidationError as err:
         fail(f"invalid pipeline config{_validation_message(err, config)}", EXIT_USAGE)
     except ConfigError as err:
-        fail(str(err), EXIT_USAGE)
+        where = f" (from {config}'s overrides or --set)" if config is not None and str(err).startswith("override ") \
+            else ""
+        fail(f"{err}{where}", EXIT_USAGE)
     except InputError as err:
         fail(str(err), EXIT_REFUSED)
 
@@ -150,7 +152,9 @@ def run(
              "context_distillation": context_distillation, "gatt": gatt}
     seed_list = _parse_seeds(seeds)
     if print_config:
-        _, resolved = _preflight(config, set_, given, check_inputs=False)
+        pipeline_config, resolved = _preflight(config, set_, given, check_inputs=False)
+        if seed_list is not None:
+            _check_seeds(pipeline_config, seed_list)
         typer.echo(json.dumps(resolved.model_dump(mode="json"), indent=2))
         return
     local_api = _start_local_api()
@@ -203,18 +207,29 @@ def _parse_seeds(seeds: str | None) -> list[int] | None:
         fail(f"--seeds {seeds!r}: expected integers separated by commas, e.g. --seeds 0,1,2", EXIT_USAGE)
 
 
+def _check_seeds(pipeline_config, seeds: list[int]) -> None:
+    """The seed sweep's own checks (distinct seeds, a demo world): exit 2."""
+    from llama2_align.errors import InputError
+    from llama2_align.seeds import seed_configs
+
+    try:
+        seed_configs(pipeline_config, seeds)
+    except InputError as err:
+        fail(str(err), EXIT_USAGE)
+
+
 def _run_seeds(pipeline_config, seeds: list[int]) -> None:
     """The rlhf-seeds flow: the pipeline once per seed, then the summary across seeds (printed, and on disk)."""
     from flows import local_api
     from flows.seeds import rlhf_seeds
     from llama2_align.errors import InputError
-    from llama2_align.seeds import seed_configs, seeds_dir, table_rows
+    from llama2_align.seeds import seeds_dir, table_rows
 
     try:
-        seed_configs(pipeline_config, seeds)
-    except InputError as err:
+        _check_seeds(pipeline_config, seeds)
+    except typer.Exit:
         local_api.stop()
-        fail(str(err), EXIT_USAGE)
+        raise
     log_file = _log_to_file(seeds_dir(pipeline_config))
     typer.echo(f"seeds {', '.join(map(str, seeds))} -> {seeds_dir(pipeline_config)}; full log: {log_file}")
     local_api.adopt()

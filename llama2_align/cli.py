@@ -334,6 +334,8 @@ def plan(
         fields["overrides"] = overrides
         resolved = resolve(PipelineConfig.model_validate(fields))
         memory, reserved = parse_memory(gpu_memory), parse_memory(reserve) if reserve.strip() != "0" else 0
+        if memory is not None and reserved >= memory:
+            raise ValueError(f"--reserve {reserve} leaves nothing of --gpu-memory {gpu_memory}")
     except FileNotFoundError as err:
         fail(str(err), EXIT_USAGE)
     except (ValidationError, ValueError) as err:
@@ -372,7 +374,13 @@ def launch(
     if not spec.is_file():
         fail(f"{spec}: no such spec file", EXIT_USAGE)
     try:
-        data = json.loads(spec.read_text())
+        try:
+            data = json.loads(spec.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{spec}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{spec}: expected a JSON object {{stage, config, inputs, out_dir}}, got "
+                             f"{type(data).__name__}")
         for key in ("stage", "inputs", "out_dir"):
             if key not in data:
                 raise ValueError(f"{spec}: missing {key!r}: expected {{stage, config, inputs, out_dir}}")

@@ -212,6 +212,30 @@ def test_a_config_path_that_is_a_directory_says_so(tmp_path):
     assert result.exit_code == 2 and "is a directory; expected a JSON or YAML config file" in result.output
 
 
+def test_a_bad_override_in_a_config_file_names_the_file(tmp_path):
+    result = run_cli(tmp_path, config={"preset": "demo-micro", "overrides": {"ppo.kl_bta": 0.1}})
+    assert_refused(result, 2, "'kl_bta'", "config.json's overrides or --set", tmp_path=tmp_path)
+
+
+def test_print_config_checks_the_seeds_too(tmp_path):
+    result = runner.invoke(app, ["run", "--preset", "demo-micro", "--seeds", "0,0", "--print-config"])
+    assert result.exit_code == 2 and "each seed once" in result.output, result.output
+
+
+def test_plan_refuses_a_reserve_that_leaves_no_memory():
+    result = runner.invoke(app, ["plan", "--preset", "demo-tiny", "--gpu-memory", "8GiB", "--reserve", "10GiB"])
+    assert result.exit_code == 2 and "leaves nothing" in result.output, result.output
+
+
+@pytest.mark.parametrize("text, needle", [('{"stage": ', "spec.json:2:1: not valid JSON"),
+                                          ("[1]", "expected a JSON object")])
+def test_launch_names_its_spec_file_when_it_is_not_a_spec(tmp_path, text, needle):
+    spec = tmp_path / "spec.json"
+    spec.write_text(text + "\n")
+    result = runner.invoke(app, ["launch", str(spec)])
+    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+
+
 def test_a_grid_sweep_refuses_an_objective(tmp_path):
     result = runner.invoke(app, ["sweep", "--preset", "demo-micro", "--runs-root", str(tmp_path / "runs"),
                                  "--grid", "ppo.kl_beta=0.1", "--objective", "violation_rate:min", "--print-plan"])
