@@ -42,6 +42,7 @@ def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro
         sft, extra = write_extended_sft(Path(out_dir) / "data", seed, demo_sizes(sizes), dialogues, preprompts)
         paths["sft"] = str(sft)
     tok_dir = Path(out_dir) / "+".join(["tokenizer"] + extras)
+
     def texts() -> list[str]:
         world = generate_demo_world(seed, demo_sizes(sizes)).corpus_texts()
         return list(dict.fromkeys(world + (corpus_texts(extra) if extra else [])))
