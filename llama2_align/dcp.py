@@ -10,7 +10,7 @@ A checkpoint holds named parts, each a model and (optionally) its optimizer:
   pickle them.
 
 Loading never runs pickled code: DCP's own reader unpickles ``.metadata`` with ``pickle.load`` and its planner loads
-non-tensor values with ``torch.load(weights_only=False)``. Here the index is read by an unpickler that builds only
+non-tensor values with an unrestricted ``torch.load``. Here the index is read by an unpickler that builds only
 DCP's metadata classes, shapes, dtypes, layouts and paths (anything else is refused), tensors are read by DCP with
 ``weights_only=True``, and a checkpoint holds no non-tensor values (a planner that meets one refuses it).
 
