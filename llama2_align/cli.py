@@ -509,7 +509,9 @@ def chat(
     interactive = sys.stdin.isatty()
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     base_history = list(history)
+    n = 0
     while True:
+        n += 1
         if interactive:
             try:
                 line = input("you> ")
@@ -519,6 +521,13 @@ def chat(
             line = sys.stdin.readline()
             if not line:
                 break
+        try:  # undecodable bytes arrive as surrogates, which the tokenizer cannot encode
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            if not interactive:
+                fail(f"standard input, line {n}: not UTF-8 text")
+            typer.echo("(not UTF-8 text: type it again)", err=True)
+            continue
         line = line.strip()
         if not line:
             continue

@@ -26,3 +26,15 @@ def test_chat_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llama2_align", "chat", str(tmp_path / "nope")],
                           input="", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "no such checkpoint" in proc.stderr
+
+
+def test_chat_refuses_a_line_that_is_not_utf8(sft_dir):
+    """Undecodable bytes on stdin: the line is named and the chat ends with exit 1."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llama2_align", "chat", str(sft_dir / "final"), "--max-new-tokens", "4"],
+        input="What is 3 plus 4?\n".encode() + b"\xff\xfe river\nnever read\n", capture_output=True, timeout=120,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 1, stderr
+    assert "standard input, line 2: not UTF-8 text" in stderr and "Traceback" not in stderr
+    assert sum(line.startswith("assistant> ") for line in stdout.splitlines()) == 1  # line 1 answered, 3 not read
