@@ -268,7 +268,7 @@ def load_config_file(path: str | Path) -> dict:
         import yaml
 
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -283,7 +283,8 @@ def load_config_file(path: str | Path) -> dict:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}") from None
-    if not isinstance(data, dict):
+    if not isinstance(data, dict):  # an empty YAML file (or only comments) is None: likely the wrong file
+        got = "an empty file" if data is None else type(data).__name__
         raise ConfigError(f"{path}: expected a mapping of pipeline fields (preset, run_name, data, overrides, ...), "
-                          f"got {type(data).__name__}")
+                          f"got {got} ({{}} for the defaults)")
     return data

@@ -107,6 +107,13 @@ def test_yaml_and_json_syntax_errors_name_the_line(tmp_path):
     assert_refused(result, 2, "config.json:2:", "not valid JSON", tmp_path=tmp_path)
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_yaml_config_is_refused_not_read_as_the_defaults(tmp_path, text):
+    assert_refused(run_cli(tmp_path, config=text, suffix=".yaml"), 2, "config.yaml: expected a mapping",
+                   "got an empty file", tmp_path=tmp_path)
+    assert run_cli(tmp_path, "--print-config", config="{}\n", suffix=".yaml").exit_code == 0  # explicit: defaults
+
+
 @pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "../escape"])
 def test_run_names_that_leave_the_runs_root_are_refused(tmp_path, name):
     assert_refused(run_cli(tmp_path, "--preset", "demo-micro", "--run-name", name), 2, "run_name", tmp_path=tmp_path)
