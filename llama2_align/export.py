@@ -63,12 +63,12 @@ def _chain(checkpoint: Path) -> list[Path]:
 
 def _check_policy(checkpoint: Path) -> None:
     """Refuse a reward/value model: export ships the causal LM."""
-    from .model import read_model_meta, source_kind
+    from .model import saved_role, source_kind
 
-    role = read_model_meta(checkpoint).get("role")
-    if role in ("reward", "value"):
-        raise ExportError(f"{checkpoint}: is a {role} model (llama2_align_model.json); export takes a policy "
-                          "checkpoint (a causal LM, e.g. runs/<run>/ppo/final or sft/final)")
+    role = saved_role(checkpoint)  # our meta file, an adapter's task type, or config.json's architecture
+    if role not in (None, "policy"):
+        raise ExportError(f"{checkpoint}: is a {role} model; export takes a policy checkpoint (a causal LM, e.g. "
+                          "runs/<run>/ppo/final or sft/final)")
     if source_kind(checkpoint) == "hf":
         archs = json.loads((checkpoint / "config.json").read_text()).get("architectures") or []
         if archs and not any(a.endswith("ForCausalLM") for a in archs):

@@ -283,6 +283,10 @@ def test_refuses_a_reward_model(tmp_path, policy_dir):
     with pytest.raises(ExportError, match="is a reward model"):
         export_checkpoint(reward, tmp_path / "out", "hf")
     assert not (tmp_path / "out").exists()
+    (reward / "llama2_align_model.json").unlink()  # a reward model from elsewhere: its config.json says so
+    with pytest.raises(ExportError, match="is a reward model"):
+        export_checkpoint(reward, tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists()
 
 
 def test_refuses_a_non_empty_output_unless_overwrite(tmp_path, policy_dir):
