@@ -416,8 +416,6 @@ def _rounds_config(config, fields: dict, set_, round_set, check_inputs: bool = T
     try:
         base: dict = {}
         if config is not None:
-            if not config.is_file():
-                fail(f"{config}: no such config file")
             base = load_config_file(config)
         base.update({k: v for k, v in fields.items() if v is not None})
         for key, items in (("overrides", set_), ("round_overrides", round_set)):

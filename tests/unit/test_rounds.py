@@ -248,6 +248,9 @@ def test_rounds_command_line_config_and_refusals(tmp_path):
     bad = _invoke("--round-set", "ppo.iterationz=2", "--print-config")
     assert bad.exit_code == 2 and "iterationz" in bad.output
     assert _invoke("--methods", "dpo", "--print-config").exit_code == 2
+    for path, said in ((tmp_path / "nope.yaml", "no such config file"), (tmp_path, "is a directory")):
+        wrong = _invoke("--config", path, "--print-config")  # as `run --config` says it: a usage error
+        assert wrong.exit_code == 2 and said in wrong.output, wrong.output
 
 
 def test_rounds_resume_refuses_before_touching_the_run(tmp_path):
