@@ -65,6 +65,14 @@ def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
     raise typer.Exit(code)
 
 
+def require_checkpoint_dir(path: str | Path, label: str = "") -> None:
+    """Exit 1 unless ``path`` is a directory, saying whether it is missing or a file (``label``: which one)."""
+    path = Path(path)
+    if not path.is_dir():
+        fail(f"{path}: " + ("a file; expected a checkpoint directory" if path.exists()
+                            else "no such checkpoint directory") + (f" ({label})" if label else ""))
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
@@ -249,9 +257,7 @@ def export(
 ) -> None:
     """Export a policy checkpoint for shipping: a plain HF directory, or a GGUF file for llama.cpp (Ollama, LM
     Studio), each with the tokenizer and the Llama 2 chat template."""
-    if not checkpoint.is_dir():
-        fail(f"{checkpoint}: " + ("a file; expected a checkpoint directory" if checkpoint.exists()
-                                  else "no such checkpoint directory"))
+    require_checkpoint_dir(checkpoint)
     if format == "gguf" and out.suffix != ".gguf":
         fail(f"{out}: with --format gguf, OUT is the file to write and its name ends in .gguf "
              f"(e.g. {out.with_suffix('.gguf').name})", EXIT_USAGE)
@@ -444,9 +450,7 @@ def evaluate(
             name = f"{name}-{len(ckpts)}"
         ckpts[name] = path
     for name, path in ckpts.items():
-        if not Path(path).is_dir():
-            fail(f"{path}: " + ("a file; expected a checkpoint directory" if Path(path).exists()
-                                else "no such checkpoint directory") + f" ({name})")
+        require_checkpoint_dir(path, name)
     if preset not in PIPELINE_PRESETS:
         fail(f"unknown preset {preset!r}; available presets: {', '.join(PIPELINE_PRESETS)}", EXIT_USAGE)
     try:  # the preset's eval section with --set over it, checked as `run --set eval.<field>=...` is
@@ -488,9 +492,7 @@ def chat(
     when stdin is not a terminal; type /reset to start over and /exit (or Ctrl-D) to leave."""
     import sys
 
-    if not checkpoint.is_dir():
-        fail(f"{checkpoint}: " + ("a file; expected a checkpoint directory" if checkpoint.exists()
-                                  else "no such checkpoint directory"))
+    require_checkpoint_dir(checkpoint)
     from pydantic import ValidationError
 
     from .generation import GenerationSettings, stream_text
