@@ -23,6 +23,11 @@ SPM_FILE = "tokenizer.model"
 TRAINED_WITH_FILE = "llama2_align_tokenizer.json"
 
 
+def _settings_record(vocab_size: int, seed: int, settings: dict | None) -> dict:
+    """What ``TRAINED_WITH_FILE`` holds, and what ``ensure_tokenizer`` compares it with."""
+    return {"vocab_size": vocab_size, "seed": seed, **(settings or {})}
+
+
 def trained_with(path: str | Path) -> dict | None:
     """The settings a tokenizer directory was trained with here, or None (not trained by train_tokenizer)."""
     f = Path(path) / TRAINED_WITH_FILE
@@ -34,8 +39,7 @@ def ensure_tokenizer(texts: Callable[[], Iterable[str]], out_dir: str | Path, vo
     """``out_dir`` as a tokenizer trained with these settings: kept when it already is one, trained (``texts()``)
     when it is missing, replaced when it was trained with other settings (a run's demo data regenerated with another
     seed or vocabulary size must not keep the old tokenizer). A directory that records no settings is kept."""
-    wanted = {"vocab_size": vocab_size, "seed": seed, **(settings or {})}
-    if Path(out_dir).exists() and trained_with(out_dir) in (None, wanted):
+    if Path(out_dir).exists() and trained_with(out_dir) in (None, _settings_record(vocab_size, seed, settings)):
         return Path(out_dir)
     return train_tokenizer(texts(), out_dir, vocab_size, seed=seed, settings=settings)
 
@@ -82,7 +86,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
             )
             shutil.copy(Path(work) / "tokenizer.model", tmp / SPM_FILE)
         save_tokenizer(load_tokenizer(tmp), tmp)
-        (tmp / TRAINED_WITH_FILE).write_text(json.dumps({"vocab_size": vocab_size, "seed": seed, **(settings or {})}))
+        (tmp / TRAINED_WITH_FILE).write_text(json.dumps(_settings_record(vocab_size, seed, settings)))
     return out_dir
 
 
