@@ -8,11 +8,13 @@ no-op in a single process, so stage code is written once for one process and for
 from __future__ import annotations
 
 import os
-from typing import Iterable, Literal
+import sys
+from typing import TYPE_CHECKING, Iterable, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+if TYPE_CHECKING:
+    import torch
 
 # --------------------------------------------------------------------------------------------------------------------
 # How the processes of a launched stage find each other (a stage config's ``launch`` field)
@@ -77,6 +79,8 @@ class LaunchSettings(BaseModel):
 
 def _group():
     """The initialised default process group's module, or None in a single process."""
+    if "torch" not in sys.modules:
+        return None  # no process group without torch: the configs and their checks run without loading it
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
@@ -134,6 +138,8 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
     d = _group()
     if d is None:
         return x
+    import torch
+
     parts = [torch.empty_like(x) for _ in range(d.get_world_size())]
     d.all_gather(parts, x.contiguous())
     return torch.cat(parts)

@@ -118,9 +118,11 @@ def compare_with_llamacpp(hf_dir: str | Path, gguf_path: str | Path, dialogs: Se
     from transformers import AutoModelForCausalLM
 
     from .chat import encode_prompt
+    from .model import quiet_transformers
     from .tokenizer import load_tokenizer
 
     torch.set_num_threads(n_threads)
+    quiet_transformers()
     tok = load_tokenizer(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     eos = tok.eos_token_id

@@ -17,18 +17,26 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator, Literal
-
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedModel
-from transformers.utils import logging as hf_logging
+from typing import TYPE_CHECKING, Iterator, Literal
 
 from .device import resolve_device, resolve_dtype
 from .errors import ConfigError, InputError, InputNotFoundError
+from .lora import DEFAULT_LORA_TARGETS, LoraSettings, Quantize  # noqa: F401 - re-exported (lora.py: no torch)
 
-hf_logging.disable_progress_bar()  # per-shard bars from every load/save drown the stage's own progress
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import LlamaConfig, PreTrainedModel
+
+
+
+def quiet_transformers() -> None:
+    """Per-shard bars from every load/save drown the stage's own progress: transformers' bars off (called where
+    models are loaded and saved, so that importing this module does not load transformers)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 
 Role = Literal["policy", "reference", "reward", "value"]
 ROLES: tuple[str, ...] = ("policy", "reference", "reward", "value")
@@ -70,48 +78,9 @@ PRESETS: dict[str, dict] = {
                   intermediate_size=172, vocab_size=1024, max_position_embeddings=512),
 }
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 # QLoRA: the frozen base's linear layers of the decoder blocks in 4-bit NF4 (bitsandbytes), double-quantized
 # constants, compute in the model's dtype; the LM head and the scalar head stay in full precision.
-Quantize = Literal["none", "nf4"]
 QUANT_SKIP_MODULES = ["lm_head", "score"]
-
-
-class LoraSettings(BaseModel):
-    """LoRA for any role, configured once. Default targets: every linear projection of the Llama block.
-
-    ``quantize="nf4"`` is QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes) under the adapters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    quantize: Quantize = Field("none", description="nf4: QLoRA, a 4-bit NF4 frozen base (needs enabled: true)")
-
-    @model_validator(mode="after")
-    def _quantize_needs_lora(self):
-        if self.quantize != "none" and not self.enabled:
-            raise ValueError(f"lora.quantize={self.quantize!r} quantizes the frozen base under LoRA adapters: it "
-                             "needs lora.enabled=true (a fully trained model cannot be 4-bit)")
-        return self
-
-    def peft_config(self, role: str):
-        from peft import LoraConfig, TaskType
-
-        scalar = role in SCALAR_ROLES
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            task_type=TaskType.SEQ_CLS if scalar else TaskType.CAUSAL_LM,
-            modules_to_save=["score"] if scalar else None,
-        )
 
 
 def is_preset(name: str | Path) -> bool:
@@ -120,6 +89,8 @@ def is_preset(name: str | Path) -> bool:
 
 def llama_config(preset: str, vocab_size: int | None = None, **overrides) -> LlamaConfig:
     """The transformers config of a preset (vocab overridable: the demo presets take the tokenizer's)."""
+    from transformers import LlamaConfig
+
     if preset not in PRESETS:
         raise ConfigError(f"unknown model preset {preset!r}: expected one of {', '.join(PRESETS)}")
     shape = dict(PRESETS[preset])
@@ -130,6 +101,9 @@ def llama_config(preset: str, vocab_size: int | None = None, **overrides) -> Lla
 
 def describe_preset(preset: str) -> dict:
     """Shapes, parameter count, attention kind and bf16 weight memory; built on the meta device (instant for 70B)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     config = llama_config(preset)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -224,6 +198,8 @@ def adapter_base(path: str | Path) -> str:
 
 
 def _model_class(role: str):
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
     if role not in ROLES:
         raise ConfigError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
     return LlamaForSequenceClassification if role in SCALAR_ROLES else LlamaForCausalLM
@@ -239,6 +215,10 @@ def _prepare_config(config: LlamaConfig, role: str) -> LlamaConfig:
 
 def _load_base(source: str | Path, role: str, dtype: torch.dtype, vocab_size: int | None, seed: int,
                attn_implementation: str) -> PreTrainedModel:
+    import torch
+    from torch import nn
+    from transformers.utils import logging as hf_logging
+
     cls = _model_class(role)
     kind = source_kind(source)
     if kind == "preset":
@@ -295,6 +275,8 @@ def _materialise_buffers(model: nn.Module, config: LlamaConfig) -> None:
 def read_llama_config(source: str | Path) -> LlamaConfig:
     """A checkpoint directory's config.json as a LlamaConfig; one that is not (a field of the wrong type, bad JSON) is
     refused with the file and transformers' first lines, not its traceback."""
+    from transformers import LlamaConfig
+
     try:
         return LlamaConfig.from_pretrained(source)
     except Exception as err:  # OSError, ValueError, huggingface_hub's StrictDataclassError, ...
@@ -335,6 +317,9 @@ def _same_family(a: str, b: str) -> bool:
 
 def _rehead(causal: PreTrainedModel, role: str, seed: int) -> PreTrainedModel:
     """A causal LM's backbone under a new scalar head (the LM head is dropped, the score head is new)."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
     config = _prepare_config(causal.config, role)
     torch.manual_seed(seed)
     scalar = LlamaForSequenceClassification(config).to(next(causal.parameters()).dtype)
@@ -379,6 +364,8 @@ def _quantize_nf4_(model: nn.Module, compute_dtype: torch.dtype, device: torch.d
     """Replace the decoder's linear layers of a loaded model by bitsandbytes 4-bit NF4 layers, in place (the path
     for sources that from_pretrained cannot quantize while loading: presets, Meta checkpoints, merged adapters)."""
     import bitsandbytes as bnb
+    import torch
+    from torch import nn
 
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in QUANT_SKIP_MODULES:
@@ -397,6 +384,8 @@ def _load_quantized(source: str | Path, role: str, dtype: torch.dtype, device: t
                     vocab_size: int | None, seed: int, attn_implementation: str) -> PreTrainedModel:
     """QLoRA's frozen base: the decoder's linear layers in 4-bit NF4 on ``device``, prepared for k-bit training
     (peft's ``prepare_model_for_kbit_training``: everything not quantized in float32, all of it frozen)."""
+    from transformers.utils import logging as hf_logging
+
     _require_bitsandbytes()
     from peft import prepare_model_for_kbit_training
 
@@ -463,6 +452,9 @@ def build_model(
     continued adapter that was trained so (its saved record says ``"quantize": "nf4"``) is loaded over a 4-bit base
     again. ``quantize`` overrides both (``"none"``: full precision, e.g. to merge and export).
     """
+    import torch
+
+    quiet_transformers()
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     trainable = role != "reference"
@@ -542,6 +534,8 @@ class Reference:
 
     @contextlib.contextmanager
     def model(self) -> Iterator[nn.Module]:
+        import torch
+
         with torch.no_grad():
             if self.frozen is not None:
                 yield self.frozen
@@ -584,6 +578,7 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None, *, role: s
     """
     from .io import atomic_dir
 
+    quiet_transformers()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         meta = {"role": role, "adapter": is_peft(model)}

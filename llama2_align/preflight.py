@@ -28,7 +28,6 @@ from pathlib import Path
 
 from .data import DataValidationError, read_records
 from .errors import ConfigError, InputError
-from .model import is_preset, read_llama_config, source_kind
 from .pipeline import PipelineConfig, ResolvedPipeline, resolve
 
 MAX_SHOWN_ISSUES = 20  # bad records listed per data file (the count says how many more)
@@ -166,6 +165,8 @@ def check_run_location(config: PipelineConfig, cfg: ResolvedPipeline, problems: 
 
 def check_model_inputs(cfg: ResolvedPipeline, problems: Problems) -> None:
     """The base checkpoint is a preset or a model directory; the tokenizer can be found."""
+    from .model import is_preset, read_llama_config, source_kind
+
     try:
         if source_kind(cfg.base_model) == "hf":
             read_llama_config(cfg.base_model)

@@ -20,9 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import read_records
 from ..errors import ConfigError, InputError
-from ..generation import GenerationSettings
 from ..io import atomic_write_json
-from ..model import build_model, freeze
 from ..multiturn import Instruction, make_dialogues
 from ..stats import paired_bootstrap
 from ..tokenizer import load_tokenizer
@@ -175,6 +173,9 @@ def _score_turns(scorer, dialogues: list[dict], rolled: list[dict], judged: list
 @stage("adherence")
 def run_adherence(config: AdherenceConfig, inputs: AdherenceInputs, run: StageRun) -> StageOutput:
     """Every checkpoint answers the same multi-turn dialogues; adherence and helpfulness by turn, with intervals."""
+    from ..generation import GenerationSettings
+    from ..model import build_model, freeze
+
     if inputs.baseline not in inputs.checkpoints:
         raise ConfigError(f"baseline {inputs.baseline!r} is not one of the checkpoints {sorted(inputs.checkpoints)}")
     if config.late_turn > config.turns:

@@ -20,9 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import dist
 from ..data import read_records, write_jsonl
-from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
-from ..model import build_model, freeze
 from ..tokenizer import load_tokenizer
 from .common import StageOutput, StageRun, stage
 
@@ -52,6 +50,9 @@ class CollectInputs(BaseModel):
 
 
 def _sample(path: str, contexts: list[list[dict]], temperature: float, config: CollectConfig, seed: int):
+    from ..generation import GenerationSettings, generate
+    from ..model import build_model, freeze
+
     policy = freeze(build_model(path, "policy", dtype=config.dtype, seed=seed))
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=temperature, top_p=config.top_p,
                                   batch_size=config.generation_batch_size, seed=seed)

@@ -35,14 +35,16 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-import torch
 from pydantic import BaseModel, Field, TypeAdapter
 
 from .. import dist
 from ..errors import InputError
 from ..io import atomic_write_json, hash_path, read_jsonl
+
+if TYPE_CHECKING:
+    import torch
 
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
@@ -418,6 +420,8 @@ def library_versions() -> dict[str, str | None]:
 
 
 def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
+    import torch
+
     from ..device import describe_device, resolve_device
 
     device = resolve_device("auto") if device is None else torch.device(device)
@@ -476,6 +480,7 @@ def checkpoint_problem(path: Path, expect: tuple[str, ...] = ()) -> str | None:
             elif f.suffix in (".pt", ".pth"):
                 # exactly what transformers' resume accepts: tensors, plain containers and numpy arrays (its RNG
                 # state), no other object, so a planted pickle payload fails here instead of running
+                import torch
                 from transformers.trainer_pt_utils import safe_globals
 
                 with safe_globals():

@@ -33,9 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import dist
 from ..data import plain_messages, read_records, write_jsonl
 from ..errors import InputError
-from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
-from ..model import build_model, freeze
 from ..preprompts import ADJECTIVES, ANSWER_TEMPLATES, TEMPLATES, safety_preprompt
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, StageOutput, StageRun, stage
@@ -108,6 +106,9 @@ def select_prompts(path: str, categories: list[str], max_prompts: int | None, se
 def generate_pairs(config: ContextDistillationConfig, inputs: ContextDistillationInputs) -> dict:
     """Steps 1-2 and the scores: per (prompt, sample) the preprompt, the distilled and the original answer, and the
     safety RM's score of each (on the prompt without the preprompt)."""
+    from ..generation import GenerationSettings, generate
+    from ..model import build_model, freeze
+
     prompts = select_prompts(inputs.prompts, config.categories, config.max_prompts, config.seed)
     rows = [dict(p, sample=s) for p in prompts for s in range(config.samples_per_prompt)]
     for i, row in enumerate(rows):

@@ -22,19 +22,20 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..data import EvalRecord, read_records
 from ..errors import ConfigError, InputError
-from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
-from ..model import build_model, freeze, saved_role
 from ..stats import paired_bootstrap, per_prompt
 from ..tokenizer import load_tokenizer
 from .common import StageOutput, StageRun, stage
 from .reward import RewardScorer
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_REFUSAL_RULES = [
     r"\b(i'?m|i am) sorry\b",
@@ -268,6 +269,9 @@ def difference_intervals(records: list[EvalRecord], base: list[dict], cand: list
 @stage("eval")
 def run_eval(config: EvalConfig, inputs: EvalInputs, run: StageRun) -> StageOutput:
     """Every checkpoint answers the evaluation prompts; judge the answers, compare each checkpoint to the baseline."""
+    from ..generation import GenerationSettings, generate
+    from ..model import build_model, freeze, saved_role
+
     if inputs.baseline not in inputs.checkpoints:
         raise ConfigError(f"baseline {inputs.baseline!r} is not one of the checkpoints {sorted(inputs.checkpoints)}")
     unknown = [n for n in inputs.compare_to if n not in inputs.checkpoints]

@@ -32,7 +32,7 @@ to the last pass's ``sft/final``), ``result.json`` (last; its metrics are the la
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,14 +40,15 @@ from .. import dist
 from ..chat import encode_dialog
 from ..data import read_records, write_jsonl
 from ..errors import InputError
-from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json
-from ..model import build_model, freeze
 from ..multiturn import CONSTRAINT_KINDS, Instruction, constraint_values, make_dialogues, with_instruction
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, StageOutput, StageRun, stage
 from .rejection_sampling import _link_tree
 from .sft import SFTConfig, SFTInputs, run_sft
+
+if TYPE_CHECKING:
+    from ..generation import GenerationSettings
 
 SAMPLES_FILE = "gatt_samples.json"
 DATA_FILE = "gatt.jsonl"
@@ -167,6 +168,8 @@ def roll_dialogues(model, tokenizer, dialogues: Sequence[dict], settings: Genera
     dialogue's ``(dialogue, texts, finished)`` at once (one batch: a scorer sees the whole turn), the index of the
     answer it goes on with. Returns
     ``{"answers": [...], "finished": [...]}`` per dialogue."""
+    from ..generation import generate
+
     out = [{"answers": [], "finished": []} for _ in dialogues]
     insts = [Instruction.from_dict(d["instruction"]).text if d.get("instruction") else None for d in dialogues]
     most = max(len(d["turns"]) for d in dialogues)
@@ -268,6 +271,9 @@ def sample_dialogues(config: GAttConfig, inputs: GAttInputs, run: StageRun, n: i
     """Steps 1-2: build the dialogues and sample every answer with inst in every user turn (best of
     ``samples_per_turn`` by the helpfulness RM, the question alone as its context, when more than one). ``n``: the
     pass, for the progress events."""
+    from ..generation import GenerationSettings
+    from ..model import build_model, freeze
+
     dialogues = build_dialogues(config, inputs.prompts)
     tokenizer = load_tokenizer(inputs.policy)
     policy = freeze(build_model(inputs.policy, "policy", dtype=config.dtype, seed=config.seed))

@@ -30,25 +30,27 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import dcp, dist, fsdp
-from .. import ppo_core as core
+from .. import dist
 from ..chat import encode_prompt
 from ..data import PromptRecord, read_records
-from ..device import resolve_dtype
+from ..device import no_grad, resolve_dtype
 from ..errors import ConfigError
-from ..generation import generate_ids
 from ..dist import LaunchSettings
 from ..io import append_jsonl, atomic_write_json, read_jsonl
-from ..model import LoraSettings, Reference, build_model, build_reference, is_peft, unwrap
+from ..lora import LoraSettings
 from ..tokenizer import load_tokenizer
 from .common import (FINAL_DIR, METRICS_FILE, STAGING_DIR, StageOutput, StageRun, Timer, checkpoint_step,
                      prune_checkpoints, stage)
 from .reward import RewardScorer
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..model import Reference
 
 VALUE_DIR = "value"
 MODELS_DIR = "models"  # a checkpoint's DCP directory: policy and value (trainable tensors) and their optimizers
@@ -235,6 +237,11 @@ class PPOState:
 def setup(config: PPOConfig, inputs: PPOInputs, run: StageRun) -> PPOState:
     """Read the prompts, build the five roles and both optimizers, seed the sampling; when resuming, restore the
     checkpoint's models, optimizers, random state and prompt order."""
+    import torch
+
+    from .. import fsdp
+    from ..model import build_model, build_reference
+
     rank, world = dist.rank(), dist.world_size()
     if config.prompts_per_iteration % world:
         raise ConfigError(f"prompts_per_iteration ({config.prompts_per_iteration}) must divide among {world} "
@@ -291,6 +298,8 @@ def shard_roles(policy: torch.nn.Module, reference: Reference, value: torch.nn.M
     frozen reference, the value model and both reward models. The reward models are sharded too, not replicated:
     they only score, one forward per batch, so sharding costs one all-gather of their weights per scoring batch,
     while two replicated copies would need 2 x 140 GB on every GPU at 70B."""
+    from .. import fsdp
+
     frozen_reference = [reference.frozen] if reference.frozen is not None else []
     for model in (policy, *frozen_reference, value, *(rm.model for rm in rms)):
         fsdp.shard(model)
@@ -300,6 +309,8 @@ def shard_roles(policy: torch.nn.Module, reference: Reference, value: torch.nn.M
 
 def _optimizer(model: torch.nn.Module, lr: float, config: PPOConfig) -> torch.optim.Optimizer:
     """AdamW as in the paper: β1 0.9, β2 0.95, eps 1e-5, weight decay 0.1 (config)."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, betas=tuple(config.adam_betas), eps=config.adam_eps,
                              weight_decay=config.weight_decay)
@@ -315,6 +326,9 @@ def rollout(s: PPOState, b_prompts: list[int], config: PPOConfig
     """One response per prompt from the current policy (KV cache; stop at EOS or ``max_new_tokens``), in chunks of
     ``generation_batch_size``. Returns the response ids (EOS included when the model stopped) and, when
     ``s.rollout_logprobs``, each response's token log-probs under the policy that sampled it (log π_old)."""
+    from .. import fsdp
+    from ..generation import generate_ids
+
     b_responses: list[list[int]] = []
     b_logprobs: list[torch.Tensor] | None = [] if s.rollout_logprobs else None
     # a sharded policy is gathered once for the rollout (a no-op unsharded), not at every decode step
@@ -350,7 +364,7 @@ class Experience:
     returns: torch.Tensor | None = None  # (B, T) advantages + values
 
 
-@torch.no_grad()
+@no_grad
 def score(s: PPOState, b_prompts: list[int], b_responses: list[list[int]],
           b_rollout_logprobs: list[torch.Tensor] | None, config: PPOConfig, it: int) -> Experience:
     """The frozen side of the iteration, and the reward.
@@ -359,6 +373,10 @@ def score(s: PPOState, b_prompts: list[int], b_responses: list[list[int]],
     (whitened over the global batch). As in Ziegler et al. 2019 and "The N implementation details of RLHF with PPO"
     (Huang et al. 2024): the score is the reward of the last token, every token pays ``β·(log π_old - log π_ref)``,
     and a response that hit the length limit without EOS gets a fixed penalty."""
+    import torch
+
+    from .. import ppo_core as core
+
     batch = Batch([s.prompt_ids[i] for i in b_prompts], b_responses, s.tokenizer.pad_token_id, s.device)
     finished = torch.tensor([bool(r) and r[-1] == s.tokenizer.eos_token_id for r in b_responses], device=s.device)
     logprobs, ref_logprobs, values = _frozen_forwards(s, batch, b_rollout_logprobs, config, it)
@@ -383,6 +401,8 @@ def _frozen_forwards(s: PPOState, batch: "Batch", b_rollout_logprobs: list[torch
                      it: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log π_old (unless recorded while sampling), log π_ref and V_old for the batch, ``score_batch_size`` rows at a
     time (no graph: the largest batch that fits)."""
+    import torch
+
     s.policy.eval()
     s.value.eval()
     logprobs, ref_logprobs, values = [], [], []
@@ -405,10 +425,12 @@ def _frozen_forwards(s: PPOState, batch: "Batch", b_rollout_logprobs: list[torch
     return old, torch.cat(ref_logprobs), torch.cat(values)
 
 
-@torch.no_grad()
+@no_grad
 def compute_advantages(exp: Experience, config: PPOConfig) -> None:
     """GAE (Schulman et al. 2016) over the per-token rewards, γ and λ from the config (the value after the last token
     is 0); the advantages are whitened over every rank's tokens, the returns are advantages + values."""
+    from .. import ppo_core as core
+
     advantages, exp.returns = core.gae(exp.rewards, exp.values, exp.batch.mask, config.gamma, config.lam)
     exp.advantages = core.whiten(advantages, exp.batch.mask, all_sum=dist.all_sum) if config.whiten_advantages \
         else advantages
@@ -425,6 +447,8 @@ def optimise(s: PPOState, exp: Experience, config: PPOConfig, it: int) -> tuple[
     """PPO's update (Schulman et al. 2017): ``ppo_epochs`` passes over the batch in shuffled mini-batches of
     ``mini_batch_size`` rollouts (all ranks together). Returns each micro-batch's statistics and whether the epochs
     stopped early because the approximate KL to the sampling policy passed ``target_kl``."""
+    import torch
+
     s.policy.train()
     s.value.train()
     stats: dict[str, list[float]] = {k: [] for k in STAT_NAMES}
@@ -447,6 +471,10 @@ def update_mini_batch(s: PPOState, exp: Experience, mb_rows: torch.Tensor, confi
     ranks and clipped to ``max_grad_norm``. The token share is of every rank's tokens (times the world size, since
     the ranks' gradients are averaged), so the step is the token mean over the whole mini-batch, as in one process,
     whatever each rank's response lengths."""
+    import torch
+
+    from .. import ppo_core as core
+
     s.opt_policy.zero_grad(set_to_none=True)
     s.opt_value.zero_grad(set_to_none=True)
     mb_tokens = dist.all_sum(exp.batch.mask[mb_rows].sum().reshape(1)).clamp(min=1) / dist.world_size()
@@ -499,6 +527,10 @@ def log_iteration(s: PPOState, exp: Experience, stats: dict[str, list[float]], s
                   it: int, config: PPOConfig, run: StageRun) -> dict:
     """The iteration's metrics, with stable names, as means over every rank's rollouts; sample rows every
     ``sample_every`` iterations; a progress event."""
+    import torch
+
+    from .. import ppo_core as core
+
 
     def g(t: torch.Tensor) -> float:
         return float(dist.all_mean(t.float().mean().reshape(1)).item())
@@ -550,6 +582,10 @@ def save_checkpoint(s: PPOState, it: int, config: PPOConfig, out_dir: Path) -> N
     random state as tensors (``rng-rank<r>.pt``, read back with ``weights_only=True``) and the loop state as JSON
     (``loop-rank<r>.json``: iteration, prompt order, Python's random state). Loading runs no pickled code. Every rank
     writes into ``.staging/checkpoint-<it>``, which rank 0 renames into place once all are done."""
+    import torch
+
+    from .. import dcp
+
     rank, tmp = dist.rank(), out_dir / STAGING_DIR / f"checkpoint-{it}"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -576,6 +612,10 @@ def restore_checkpoint(s: PPOState, ckpt: Path, config: PPOConfig) -> None:
     """The models' trainable tensors and the optimizers (DCP reshards them to this world size, sharded or not), and
     this rank's random state and prompt order. Resumed on more ranks than saved it, a new rank reseeds its random
     state (from the seed, its rank and the iteration) and takes rank 0's prompt order (the same on every rank)."""
+    import torch
+
+    from .. import dcp
+
     rank = dist.rank()
     dcp.load(ckpt / MODELS_DIR, {"policy": (s.policy, s.opt_policy), VALUE_DIR: (s.value, s.opt_value)})
     own = (ckpt / f"loop-rank{rank}.json").exists()
@@ -621,6 +661,9 @@ def finish(s: PPOState, metrics: dict, config: PPOConfig, run: StageRun) -> Stag
 
 def _save_models(s: PPOState, policy_dir: Path, value_dir: Path) -> None:
     """The policy and the value model as HF safetensors directories (rank 0 writes; called on every rank)."""
+    from .. import fsdp
+    from ..model import is_peft
+
     for model, out, role in ((s.policy, policy_dir, "policy"), (s.value, value_dir, VALUE_DIR)):
         fsdp.save_final(model, out, s.tokenizer, role=role, base=s.bases[role] if is_peft(model) else None)
 
@@ -644,6 +687,8 @@ class Batch:
     """Prompt+response sequences right-padded into one tensor, with the response slice of each row."""
 
     def __init__(self, prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
+        import torch
+
         self.n = len(prompts)
         self.p_len = torch.tensor([len(p) for p in prompts])
         self.r_len = torch.tensor([max(1, len(r)) for r in responses])
@@ -689,6 +734,10 @@ class Batch:
 
 def policy_forward(model, batch: Batch, with_entropy: bool = False):
     """Log-probs of the response tokens (and their entropy) under a causal LM."""
+    import torch
+
+    from .. import ppo_core as core
+
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = batch.select(out.logits)
     logp = core.gather_logprobs(logits, batch.response_ids)
@@ -702,6 +751,8 @@ def policy_forward(model, batch: Batch, with_entropy: bool = False):
 def value_forward(model, batch: Batch) -> torch.Tensor:
     """Per-token values: the scalar head applied to every hidden state (not only the last one). The model's own
     forward runs (it pools the last token's value; FSDP's hooks run with it), and a hook on the head keeps all."""
+    from ..model import unwrap
+
     kept: list[torch.Tensor] = []
     hook = unwrap(model).score.register_forward_hook(lambda _module, _args, out: kept.append(out))
     try:
@@ -712,11 +763,15 @@ def value_forward(model, batch: Batch) -> torch.Tensor:
 
 
 def _check_finite(iteration: int, **tensors) -> None:
+    import torch
+
     for name, t in tensors.items():
         if t is not None and not torch.isfinite(t).all():
             raise NonFiniteError(f"PPO iteration {iteration}: {name} contains NaN or inf; stopping (not training on)")
 
 
 def _in_chunks(n: int, size: int):
+    import torch
+
     for s in range(0, n, size):
         yield torch.arange(s, min(n, s + size))

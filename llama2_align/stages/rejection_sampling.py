@@ -20,16 +20,12 @@ import random
 import shutil
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import dist
-from .. import ppo_core as core
 from ..data import plain_messages, read_records, write_jsonl
 from ..errors import InputError
-from ..generation import GenerationSettings, generate
 from ..io import atomic_dir, atomic_write_json
-from ..model import build_model, freeze
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, StageOutput, StageRun, stage
 from .reward import RewardScorer
@@ -86,6 +82,12 @@ def _pick_prompts(n: int, max_prompts: int | None, seed: int) -> list[int]:
 def sample_and_score(config: RejectionSamplingConfig, inputs: RSInputs) -> dict:
     """Sample K responses per prompt, score them with both RMs, mark the best per prompt. Returns the samples
     document (plain JSON) that :data:`SAMPLES_FILE` holds."""
+    import torch
+
+    from .. import ppo_core as core
+    from ..generation import GenerationSettings, generate
+    from ..model import build_model, freeze
+
     records = read_records(inputs.prompts, "prompts")
     chosen = _pick_prompts(len(records), config.max_prompts, config.seed)
     tokenizer = load_tokenizer(inputs.policy)

@@ -15,21 +15,22 @@ import math
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import dist, fsdp
+from .. import dist
 from ..chat import encode_dialog, prompt_messages
 from ..data import RATINGS, PreferenceRecord, read_records
-from ..device import resolve_dtype
+from ..device import no_grad, resolve_dtype
 from ..errors import InputError
 from ..io import atomic_write_json, read_jsonl
-from ..model import build_model, freeze, is_peft, trainable_parameters
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, METRICS_FILE, StageOutput, StageRun, logged_losses, stage
 from .training import TrainStageConfig, make_trainer, train, trainer_arguments
+
+if TYPE_CHECKING:
+    import torch
 
 RM_KINDS = ("helpfulness", "safety")
 
@@ -143,15 +144,19 @@ class RewardScorer:
 
     def __init__(self, path: str | Path, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                  batch_size: int = 64, model=None, tokenizer=None):
+        from ..model import build_model, freeze
+
         self.path = str(path)
         self.model = model if model is not None else freeze(build_model(path, "reward", device=device, dtype=dtype))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
         self.batch_size = batch_size
         self.device = next(self.model.parameters()).device
 
-    @torch.no_grad()
+    @no_grad
     def score_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Raw scalar scores (float32, on the CPU) for full token sequences, in the given order."""
+        import torch
+
         pad = self.tokenizer.pad_token_id
         scores = torch.empty(len(sequences), dtype=torch.float32)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -222,6 +227,9 @@ def run_reward(config: RewardConfig, inputs: RewardInputs, run: StageRun) -> Sta
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
+
+    from .. import fsdp
+    from ..model import build_model, freeze, is_peft, trainable_parameters
 
     records = read_preferences(inputs.data, inputs.data_format)
     if config.kind not in {r.category for r in records}:

@@ -12,14 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import dist, fsdp
+from .. import dist
 from ..chat import encode_dialog
 from ..data import read_records
 from ..device import resolve_dtype
 from ..errors import ConfigError
-from ..generation import GenerationSettings, generate
 from ..io import atomic_write_json, read_jsonl
-from ..model import build_model, is_peft, is_preset, save_model, trainable_parameters
 from ..tokenizer import load_tokenizer
 from .common import FINAL_DIR, METRICS_FILE, StageOutput, StageRun, logged_losses, stage
 from .training import TrainStageConfig, make_trainer, train, trainer_arguments
@@ -78,6 +76,9 @@ def run_sft(config: SFTConfig, inputs: SFTInputs, run: StageRun) -> StageOutput:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
+    from .. import fsdp
+    from ..model import build_model, is_peft, is_preset, trainable_parameters
+
     # Validate everything before anything is written.
     records = read_records(inputs.data, "sft", format=inputs.data_format)
     tok_source = inputs.tokenizer or inputs.base
@@ -120,6 +121,8 @@ def _base_on_disk(config: SFTConfig, inputs: SFTInputs, tokenizer, out_dir: Path
     """The base to train from. LoRA adapters need a base on disk to point to: a preset's initial weights are written
     once into ``<out_dir>/base``, before any adapter is attached (saving a wrapped model would write LoRA-renamed
     weights)."""
+    from ..model import build_model, is_preset, save_model
+
     if not (config.lora.enabled and is_preset(inputs.base)):
         return inputs.base
     base_path = out_dir / BASE_DIR
@@ -149,6 +152,7 @@ def _validation_loss(trainer, out_dir: Path) -> dict:
 def _write_artifacts(config: SFTConfig, model, tokenizer, val_recs, out_dir: Path) -> dict[str, str]:
     """Sample answers to held-out prompts and the loss curves (rank 0 writes; a sharded model samples on every
     rank, since each of its forwards gathers weights from all of them)."""
+    from .. import fsdp
     from ..plots import plot_curves
 
     artifacts: dict[str, str] = {}
@@ -166,6 +170,8 @@ def _write_artifacts(config: SFTConfig, model, tokenizer, val_recs, out_dir: Pat
 
 def sample_generations(model, tokenizer, records, max_new_tokens: int, seed: int) -> list[dict]:
     """Greedy answers to the first user turn of held-out dialogues, beside the reference answer."""
+    from ..generation import GenerationSettings, generate
+
     prompts, refs = [], []
     for rec in records:
         msgs = [m.model_dump(exclude_none=True) for m in rec.messages]

@@ -22,15 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import TrainerCallback
 
-from .. import dcp, dist, fsdp
+from .. import dist
 from ..errors import ConfigError
 from ..io import append_jsonl
 from ..dist import LaunchSettings
-from ..model import LoraSettings
+from ..lora import LoraSettings
 from .common import METRICS_FILE, STAGING_DIR, StageRun, prune_checkpoints
 
 
@@ -102,6 +100,9 @@ class TrainStageConfig(BaseModel):
 
 def trainer_arguments(config: TrainStageConfig, out_dir: Path, n_train: int, has_eval: bool) -> dict:
     """Keyword arguments shared by TRL's SFTConfig and RewardConfig."""
+    import torch
+
+    from .. import fsdp
     from ..device import resolve_device, resolve_dtype
 
     device = resolve_device("auto")
@@ -189,6 +190,10 @@ class AtomicCheckpoints:
         return super().save_model(output_dir, _internal_call)
 
     def _save_optimizer_and_scheduler(self, output_dir):  # noqa: D401 - transformers hook
+        import torch
+
+        from .. import dcp
+
         dcp.save(Path(output_dir) / DCP_DIR, {"model": (self.model, self.optimizer)})
         if self.args.should_save:  # the LR schedule's counters: plain numbers (loaded with weights_only=True)
             torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_FILE)
@@ -201,12 +206,17 @@ class AtomicCheckpoints:
     def _load_optimizer_and_scheduler(self, checkpoint):  # noqa: D401 - transformers hook
         if checkpoint is None or not (Path(checkpoint) / DCP_DIR).is_dir():
             return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+
+        from .. import dcp
+
         dcp.load(Path(checkpoint) / DCP_DIR, {"model": (self.model, self.optimizer)})
         self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / SCHEDULER_FILE, weights_only=True))
 
 
-class MetricsCallback(TrainerCallback):
-    """Append every log line to metrics.jsonl (rank 0) and report it as progress."""
+class MetricsLog:
+    """TrainerCallback mixin (made a ``TrainerCallback`` in :func:`make_trainer`, where transformers is loaded):
+    append every log line to metrics.jsonl (rank 0) and report it as progress."""
 
     def __init__(self, run: StageRun):
         self.run = run
@@ -233,7 +243,10 @@ def make_trainer(base, config: TrainStageConfig, run: StageRun, **kwargs):
         import datasets
 
         datasets.disable_progress_bars()
-    trainer = trainer_class(base)(callbacks=[MetricsCallback(run)], **kwargs)
+    from transformers import TrainerCallback
+
+    callback = type("MetricsCallback", (MetricsLog, TrainerCallback), {})(run)
+    trainer = trainer_class(base)(callbacks=[callback], **kwargs)
     if not config.progress_bar:
         from transformers.trainer_callback import PrinterCallback
 

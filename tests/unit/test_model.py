@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from llama2_align import model as M
 from llama2_align.device import resolve_dtype
@@ -120,10 +121,10 @@ def test_every_role_builds_from_a_preset(role):
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     if role in M.SCALAR_ROLES:
-        assert isinstance(model, M.LlamaForSequenceClassification)
+        assert isinstance(model, LlamaForSequenceClassification)
         assert logits.shape == (2, 1)
     else:
-        assert isinstance(model, M.LlamaForCausalLM)
+        assert isinstance(model, LlamaForCausalLM)
         assert logits.shape == (2, 7, VOCAB)
     if role == "reference":
         assert not model.training and not any(p.requires_grad for p in model.parameters())
