@@ -108,6 +108,13 @@ def _start_local_api():
     return local_api
 
 
+def _load_ml_stack() -> None:
+    """torch and transformers' Llama load here, while the local API server starts: the configs and the pre-flight
+    do without them (a refusal takes a second), the stages need them."""
+    import torch  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+
 TrackingOption = Annotated[Optional[list[str]], typer.Option(
     "--tracking", help="Track the run in mlflow and/or tensorboard (repeatable; needs the \\[tracking] extra).")]
 TrackingUriOption = Annotated[Optional[str], typer.Option(
@@ -174,6 +181,7 @@ def run(
         return _run_seeds(pipeline_config, seed_list)
     log_file = _log_to_file(Path(resolved.run_dir))
     typer.echo(f"run directory {resolved.run_dir}; full log: {log_file}")
+    _load_ml_stack()
     local_api.adopt()
     try:
         result = rlhf_pipeline(config=pipeline_config)
@@ -232,6 +240,7 @@ def _run_seeds(pipeline_config, seeds: list[int]) -> None:
         raise
     log_file = _log_to_file(seeds_dir(pipeline_config))
     typer.echo(f"seeds {', '.join(map(str, seeds))} -> {seeds_dir(pipeline_config)}; full log: {log_file}")
+    _load_ml_stack()
     local_api.adopt()
     try:
         out = rlhf_seeds(config=pipeline_config, seeds=seeds)
@@ -368,6 +377,7 @@ def sweep(
     from flows.sweep import rlhf_sweep
     from llama2_align.sweep import table_rows
 
+    _load_ml_stack()
     local_api.adopt()
     out = rlhf_sweep(sweep=sweep_config)
     summary = json.loads(Path(out["sweep_json"]).read_text())
@@ -478,6 +488,7 @@ def rounds(
 
     from llama2_align.errors import InputError
 
+    _load_ml_stack()
     local_api.adopt()
     try:
         result = rlhf_rounds(config=rounds_config)
