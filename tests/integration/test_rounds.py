@@ -63,6 +63,20 @@ def test_two_micro_rounds_through_the_cli(prefect_server, tmp_path):
     prefs = (rounds_dir / "2" / "preferences.jsonl").read_text().count("\n")
     assert prefs == (rounds_dir / "1" / "preferences.jsonl").read_text().count("\n") + \
         (rounds_dir / "2" / "train_pairs.jsonl").read_text().count("\n")
+    # the demo rounds' warm starts run at a lower learning rate than the RMs' first training (rounds._DEMO_ROUNDS)
+    assert rm["config"]["learning_rate"] == 1e-4
+    assert json.loads((rounds_dir / "2" / "reward-helpfulness" / "result.json").read_text()
+                      )["config"]["learning_rate"] == 2.5e-4
+    # bench/rm_warm_start.py retrains the rounds' RMs offline: at the rounds' own learning rate it reproduces the
+    # staleness table's change from the previous RM to the retrained one
+    bench = subprocess.run([sys.executable, "bench/rm_warm_start.py", str(tmp_path / "micro"), "--kind", "helpfulness",
+                            "--lr", "2.5e-4", "--out", str(tmp_path / "warm")], env=_env(), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, (bench.stdout + bench.stderr)[-4000:]
+    for r in report["rounds"]:
+        st = r["staleness"]["helpfulness"]
+        if st["pairs"]:
+            assert f"{st['change']['change']:+.3f} [{st['change']['ci'][0]:+.3f}," in bench.stdout, bench.stdout
     assert (rounds_dir / "figure11.png").read_bytes()[:4] == b"\x89PNG"
     assert "violation vs SFT" in proc.stdout and "retrained RM, new pairs" in proc.stdout
     state = json.loads((rounds_dir / "state.json").read_text())
