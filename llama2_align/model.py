@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedModel
 
 
-
 def quiet_transformers() -> None:
     """Per-shard bars from every load/save drown the stage's own progress: transformers' bars off (called where
     models are loaded and saved, so that importing this module does not load transformers)."""
