@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,15 +39,13 @@ def test_configs_load_without_the_ml_stack(code):
     assert _loaded_after(code) == []
 
 
-def test_a_config_typo_is_refused_in_seconds(tmp_path):
-    """The command line end to end: a misspelt override exits 2 naming the field, without loading torch."""
+def test_a_config_typo_is_refused_naming_the_field(tmp_path):
+    """The command line end to end: a misspelt override exits 2 naming the field, nothing written (how long it takes
+    is a figure, not a test: README, "Before a run starts")."""
     exe = Path(sys.executable).with_name("llama2-align")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "flows.cli"]
-    t0 = time.perf_counter()
     out = subprocess.run([*cmd, "run", "--runs-root", str(tmp_path), "--set", "sft.epochz=3"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    took = time.perf_counter() - t0
     assert out.returncode == 2, out.stderr
     assert "sft has no field 'epochz'" in out.stderr
     assert not list(tmp_path.iterdir())  # nothing written
-    print(f"refused in {took:.1f} s")
