@@ -85,12 +85,12 @@ def run_round(plan: lib.ResolvedRounds, r: int, start: lib.Start, sft: str, data
     labels = simulated_labels_task(plan, r, pairs["out_dir"]) if plan.config.annotator == "simulated" else \
         human_labels(plan, r, pairs["out_dir"])
     split = round_data_task(plan, r, labels, start.preferences)
-    before = rm_accuracy_task(start.reward_models, split["test"], stages.dir("staleness-before.json"),
+    before = rm_accuracy_task(start.reward_models, split["test"], stages.dir(lib.STALENESS_BEFORE),
                               f"round-{r}-before")
     rm_h, rm_s = train_reward_models(stages, RewardInputs(sft_model=sft, data=split["preferences"]), concurrent,
                                      init=start.reward_models)
     rms = {"helpfulness": rm_h, "safety": rm_s}
-    after = rm_accuracy_task(rms, split["test"], stages.dir("staleness-after.json"), f"round-{r}-after")
+    after = rm_accuracy_task(rms, split["test"], stages.dir(lib.STALENESS_AFTER), f"round-{r}-after")
 
     policy = start.policy
     if method in ("rs", "rs+ppo"):

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,6 +56,7 @@ from .stats import verdict
 Method = Literal["rs", "ppo", "rs+ppo"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 STATE_FILE = "state.json"
+STALENESS_BEFORE, STALENESS_AFTER = "staleness-before.json", "staleness-after.json"
 ROUND_FILE = "round.json"
 ROUNDS_DIR = "rounds"
 
@@ -595,6 +596,54 @@ def staleness(before: dict, after: dict) -> dict:
                      "decisive_pairs": b.get("decisive_pairs"), "change": accuracy_change(b, a),
                      "change_decisive": accuracy_change(b, a, decisive_only=True)}
     return out
+
+
+def pool_staleness(per_round: Sequence[tuple[int, dict, dict]]) -> dict:
+    """Every round's test pairs together, per reward model: each round's previous RM and its retrained one on that
+    round's pairs (``per_round``: ``(round, before, after)`` as :func:`rm_accuracy` writes them). One round's pairs
+    are too few to show a change of a point or two (most of a late round's safety pairs are two refusals, ordered by
+    a coin flip), so this asks the question over all of them: does retraining on the new pairs recover accuracy on
+    the new policy's answers? The same fields as :func:`staleness` (without ``previous_heldout``, which differs by
+    round) plus ``rounds``; a model whose per-pair results are missing in some round is left out."""
+    before: dict[str, dict] = {}
+    after: dict[str, dict] = {}
+    rounds: dict[str, list[int]] = {}
+    complete: dict[str, bool] = {}
+    for r, b, a in per_round:
+        for kind, eb in b.items():
+            ea = a.get(kind) or {}
+            ok = bool(eb.get("correct")) and eb.get("pair_ids") == ea.get("pair_ids") and bool(ea.get("correct"))
+            complete[kind] = complete.get(kind, True) and ok
+            rounds.setdefault(kind, []).append(r)
+            for store, e in ((before, eb), (after, ea)):
+                s = store.setdefault(kind, {"pair_ids": [], "correct": [], "decisive": []})
+                s["pair_ids"] += [f"{r}:{i}" for i in e.get("pair_ids") or []]
+                s["correct"] += list(e.get("correct") or [])
+                s["decisive"] += list(eb.get("decisive") or [1] * len(eb.get("correct") or []))
+    out = {}
+    for kind in before:
+        if not complete[kind]:
+            continue
+        for s in (before[kind], after[kind]):
+            n, dec = len(s["correct"]), [c for c, d in zip(s["correct"], s["decisive"]) if d]
+            s.update(pairs=n, accuracy=round(sum(s["correct"]) / n, 4), decisive_pairs=len(dec),
+                     accuracy_decisive=round(sum(dec) / len(dec), 4) if dec else None)
+        out[kind] = {"rounds": rounds[kind], **staleness({kind: before[kind]}, {kind: after[kind]})[kind]}
+        del out[kind]["previous_heldout"]
+    return out
+
+
+def pooled_staleness(plan: ResolvedRounds, records: Sequence[RoundRecord]) -> dict:
+    """:func:`pool_staleness` over the completed rounds' ``staleness-before.json`` and ``staleness-after.json``."""
+    per_round = []
+    for rec in records:
+        d = plan.round_dir(rec.round)
+        try:
+            per_round.append((rec.round, json.loads((d / STALENESS_BEFORE).read_text()),
+                              json.loads((d / STALENESS_AFTER).read_text())))
+        except (OSError, ValueError):
+            continue
+    return pool_staleness(per_round)
 
 
 def finish_round(plan: ResolvedRounds, r: int, start: Start, candidate: str, reward_models: dict[str, str],

@@ -11,6 +11,7 @@ and ``rounds/figure11.png`` (helpfulness against harmlessness, one point per rou
                  "vs_sft": {<metric>: {"change", "ci", "verdict"}},        # against round 0's policy
                  "staleness": {<kind>: {"pairs", "previous_heldout", "before", "after", ...}},
                  "pairs": n, "seconds": {<stage>: s}}],
+     "staleness_pooled": {<kind>: {"rounds", "pairs", "before", "after", "change", ...}},  # every round's pairs
      "last_promoted": r (0: no round was promoted), "figure": "figure11.png" | null}
 
 Intervals are 95%, paired bootstrap over the eval prompts (from the eval stage); "verdict" says better or worse only
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 
 from .io import atomic_write_json, atomic_write_text
-from .rounds import ResolvedRounds, RoundRecord, comparison
+from .rounds import ResolvedRounds, RoundRecord, comparison, pooled_staleness
 from .stats import verdict
 
 ROUND_KEYS = ("helpfulness_accuracy", "violation_rate", "false_refusal_rate", "malformed_rate", "rm_helpfulness",
@@ -69,7 +70,8 @@ def _point(metrics: dict, vs_sft: dict | None, oracle: bool) -> tuple[float | No
 def build_rounds_report(plan: ResolvedRounds, records: list[RoundRecord]) -> dict:
     report: dict = {"run_dir": str(plan.run_dir), "preset": plan.config.preset, "annotator": plan.config.annotator,
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rounds": [], "round0": {},
-                    "last_promoted": 0, "judge": None, "figure": None}
+                    "last_promoted": 0, "judge": None, "figure": None,
+                    "staleness_pooled": pooled_staleness(plan, records)}
     for rec in records:
         em = rec.eval
         cps = em["checkpoints"]
@@ -160,6 +162,16 @@ def staleness_rows(report: dict) -> list[dict[str, str]]:
                          "decisive pairs": str(s.get("decisive_pairs")),
                          "retrained - previous": _ci(s["change"]) if s.get("change") else "",
                          "on decisive pairs": _ci(s["change_decisive"]) if s.get("change_decisive") else ""})
+    for kind, s in (report.get("staleness_pooled") or {}).items():
+        if len(s.get("rounds") or []) < 2:
+            continue
+        rows.append({"round": "all", "reward model": kind, "test pairs": str(s.get("pairs")),
+                     "previous RM, held-out": "",
+                     "previous RM, new pairs": f"{_v(s.get('before'))} [{_v(s.get('before_decisive'))}]",
+                     "retrained RM, new pairs": f"{_v(s.get('after'))} [{_v(s.get('after_decisive'))}]",
+                     "decisive pairs": str(s.get("decisive_pairs")),
+                     "retrained - previous": _ci(s["change"]) if s.get("change") else "",
+                     "on decisive pairs": _ci(s["change_decisive"]) if s.get("change_decisive") else ""})
     return rows
 
 
@@ -198,7 +210,9 @@ def render_markdown(report: dict, figure_src: str | None = None) -> str:
         lines += ["## Reward-model staleness", "", "Accuracy on each round's test pairs (answers of the policy the "
                   "round started from, labelled in the round, never trained on), before and after retraining; in "
                   "brackets: on the decisive pairs (all but negligibly better). The change carries a 95% "
-                  "paired-bootstrap interval over the pairs; \"better\"/\"worse\" only where it excludes 0.",
+                  "paired-bootstrap interval over the pairs; \"better\"/\"worse\" only where it excludes 0. Round "
+                  "\"all\": every round's test pairs together, each scored by its own round's previous and retrained "
+                  "model (one round's pairs are too few to show a change of a point or two).",
                   ""] + _table(srows) + [""]
     if figure_src:
         lines += ["## Helpfulness against harmlessness (paper, Figure 11)", "", f"![rounds]({figure_src})", ""]

@@ -51,6 +51,9 @@ def test_two_micro_rounds_through_the_cli(prefect_server, tmp_path):
             assert not st["pairs"] or (st["change"]["ci"][0] <= st["change"]["change"] <= st["change"]["ci"][1])
         assert r["vs_sft"]["violation_rate"]["ci"] is not None and r["gate"]["checks"]
         assert r["promoted"] == r["gate"]["promoted"]
+    for kind, pooled in report["staleness_pooled"].items():  # every round's test pairs together
+        assert pooled["rounds"] == [1, 2] and pooled["pairs"] == sum(r["staleness"][kind]["pairs"]
+                                                                     for r in report["rounds"])
     second = json.loads((rounds_dir / "2" / "round.json").read_text())
     first = json.loads((rounds_dir / "1" / "round.json").read_text())
     assert second["started_from"] == (first["candidate"] if first["promoted"] else first["started_from"])

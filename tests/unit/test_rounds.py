@@ -222,6 +222,38 @@ def test_rounds_report_tables_and_figure(tmp_path):
     assert "Reward-model staleness" in md and "![rounds](figure11.png)" in md
 
 
+def test_pooled_staleness_takes_every_round_s_pairs_with_its_own_models(tmp_path):
+    def entry(correct, decisive):
+        return {"pair_ids": [f"p{i}" for i in range(len(correct))], "correct": correct, "decisive": decisive}
+
+    # round 1: 10 pairs, the retrained RM right on 2 more; round 2: 30 pairs (the same ids: other pairs), 1 fewer
+    r1 = (1, {"safety": entry([1] * 5 + [0] * 5, [1] * 10)}, {"safety": entry([1] * 7 + [0] * 3, [1] * 10)})
+    r2 = (2, {"safety": entry([1, 0] * 15, [1] * 20 + [0] * 10)}, {"safety": entry([1, 0] * 14 + [0, 0], [1] * 30)})
+    pooled = lib.pool_staleness([r1, r2])["safety"]
+    assert pooled["rounds"] == [1, 2] and pooled["pairs"] == 40 and pooled["decisive_pairs"] == 30
+    assert pooled["before"] == 0.5 and pooled["after"] == 0.525 and pooled["change"]["change"] == 0.025
+    assert pooled["before_decisive"] == 0.5 and pooled["after_decisive"] == round(17 / 30, 4)  # round 2's flags
+    assert pooled["change"]["ci"][0] <= 0.025 <= pooled["change"]["ci"][1]
+    # the interval is over all 40 pairs: narrower than either round's own
+    one = lib.accuracy_change(r1[1]["safety"], r1[2]["safety"])
+    assert pooled["change"]["ci"][1] - pooled["change"]["ci"][0] < one["ci"][1] - one["ci"][0]
+    # a round whose per-pair results are missing (an older file) leaves that model out, not half-pooled
+    old = (3, {"safety": {"accuracy": 0.5}, "helpfulness": entry([1], [1])}, {"safety": {"accuracy": 0.6},
+                                                                             "helpfulness": entry([1], [1])})
+    assert set(lib.pool_staleness([r1, r2, old])) == {"helpfulness"}
+    # written by the report from the rounds' files, and shown as round "all" under the rounds' rows
+    plan = lib.resolve_rounds(lib.RoundsConfig(preset="demo-micro", runs_root=str(tmp_path)))
+    for r, before, after in (r1, r2):
+        plan.round_dir(r).mkdir(parents=True)
+        (plan.round_dir(r) / lib.STALENESS_BEFORE).write_text(json.dumps(before))
+        (plan.round_dir(r) / lib.STALENESS_AFTER).write_text(json.dumps(after))
+    report = build_rounds_report(plan, [_record(1, True), _record(2, True, from_round=1)])
+    assert report["staleness_pooled"]["safety"] == pooled
+    last = staleness_rows(report)[-1]
+    assert last["round"] == "all" and last["test pairs"] == "40" and last["retrained - previous"].startswith("+0.025")
+    assert "Round \"all\"" in render_markdown(report)
+
+
 def test_figure_points_judged_by_the_reward_models_without_the_oracle(tmp_path):
     plan = lib.resolve_rounds(lib.RoundsConfig(preset="demo-micro", runs_root=str(tmp_path)))
     cand = _cp(viol=0.1, ci=SAFE, judge="rules", wins=50, ties=20, losses=30)  # against SFT: the baseline in round 1
