@@ -604,17 +604,24 @@ def pool_staleness(per_round: Sequence[tuple[int, dict, dict]]) -> dict:
     are too few to show a change of a point or two (most of a late round's safety pairs are two refusals, ordered by
     a coin flip), so this asks the question over all of them: does retraining on the new pairs recover accuracy on
     the new policy's answers? The same fields as :func:`staleness` (without ``previous_heldout``, which differs by
-    round) plus ``rounds``; a model whose per-pair results are missing in some round is left out."""
+    round) plus ``rounds`` and ``by_rating`` (``{rating: {"pairs", "before", "after"}}``: where the accuracy is
+    lost, e.g. on coin-flip pairs); a model whose per-pair results are missing in some round is left out."""
     before: dict[str, dict] = {}
     after: dict[str, dict] = {}
     rounds: dict[str, list[int]] = {}
     complete: dict[str, bool] = {}
+    by_rating: dict[str, dict[str, list[int]]] = {}
     for r, b, a in per_round:
         for kind, eb in b.items():
             ea = a.get(kind) or {}
             ok = bool(eb.get("correct")) and eb.get("pair_ids") == ea.get("pair_ids") and bool(ea.get("correct"))
             complete[kind] = complete.get(kind, True) and ok
             rounds.setdefault(kind, []).append(r)
+            for rating, n in (eb.get("pairs_by_rating") or {}).items():
+                if n:
+                    right = [round((e.get("accuracy_by_rating") or {}).get(rating, 0) * n) for e in (eb, ea)]
+                    acc = by_rating.setdefault(kind, {}).setdefault(rating, [0, 0, 0])
+                    acc[0], acc[1], acc[2] = acc[0] + n, acc[1] + right[0], acc[2] + right[1]
             for store, e in ((before, eb), (after, ea)):
                 s = store.setdefault(kind, {"pair_ids": [], "correct": [], "decisive": []})
                 s["pair_ids"] += [f"{r}:{i}" for i in e.get("pair_ids") or []]
@@ -628,7 +635,9 @@ def pool_staleness(per_round: Sequence[tuple[int, dict, dict]]) -> dict:
             n, dec = len(s["correct"]), [c for c, d in zip(s["correct"], s["decisive"]) if d]
             s.update(pairs=n, accuracy=round(sum(s["correct"]) / n, 4), decisive_pairs=len(dec),
                      accuracy_decisive=round(sum(dec) / len(dec), 4) if dec else None)
-        out[kind] = {"rounds": rounds[kind], **staleness({kind: before[kind]}, {kind: after[kind]})[kind]}
+        out[kind] = {"rounds": rounds[kind], **staleness({kind: before[kind]}, {kind: after[kind]})[kind],
+                     "by_rating": {rt: {"pairs": n, "before": round(b / n, 4), "after": round(a / n, 4)}
+                                   for rt, (n, b, a) in (by_rating.get(kind) or {}).items()}}
         del out[kind]["previous_heldout"]
     return out
 

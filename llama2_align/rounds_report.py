@@ -11,7 +11,8 @@ and ``rounds/figure11.png`` (helpfulness against harmlessness, one point per rou
                  "vs_sft": {<metric>: {"change", "ci", "verdict"}},        # against round 0's policy
                  "staleness": {<kind>: {"pairs", "previous_heldout", "before", "after", ...}},
                  "pairs": n, "seconds": {<stage>: s}}],
-     "staleness_pooled": {<kind>: {"rounds", "pairs", "before", "after", "change", ...}},  # every round's pairs
+     "staleness_pooled": {<kind>: {"rounds", "pairs", "before", "after", "change", ...,  # every round's pairs
+                                   "by_rating": {<rating>: {"pairs", "before", "after"}}}},
      "last_promoted": r (0: no round was promoted), "figure": "figure11.png" | null}
 
 Intervals are 95%, paired bootstrap over the eval prompts (from the eval stage); "verdict" says better or worse only
@@ -25,6 +26,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .data import RATINGS
 from .io import atomic_write_json, atomic_write_text
 from .rounds import ResolvedRounds, RoundRecord, comparison, pooled_staleness
 from .stats import verdict
@@ -175,6 +177,18 @@ def staleness_rows(report: dict) -> list[dict[str, str]]:
     return rows
 
 
+def pooled_by_rating_lines(report: dict) -> list[str]:
+    """One line per reward model: its accuracy by rating on every round's test pairs, previous → retrained."""
+    lines = []
+    for kind, s in (report.get("staleness_pooled") or {}).items():
+        br = s.get("by_rating") or {}
+        parts = [f"{rt.replace('_', ' ')} {br[rt]['pairs']} pairs {br[rt]['before']:.3f} → {br[rt]['after']:.3f}"
+                 for rt in RATINGS if rt in br]
+        if parts and len(s.get("rounds") or []) >= 2:
+            lines.append(f"- {kind}: " + "; ".join(parts))
+    return lines
+
+
 def _table(rows: list[dict[str, str]]) -> list[str]:
     if not rows:
         return []
@@ -214,6 +228,10 @@ def render_markdown(report: dict, figure_src: str | None = None) -> str:
                   "\"all\": every round's test pairs together, each scored by its own round's previous and retrained "
                   "model (one round's pairs are too few to show a change of a point or two).",
                   ""] + _table(srows) + [""]
+    by_rating = pooled_by_rating_lines(report)
+    if by_rating:
+        lines += ["By rating, every round's test pairs together (previous RM → retrained RM; negligibly better "
+                  "pairs are ordered by a coin flip when the two answers are judged the same):", ""] + by_rating + [""]
     if figure_src:
         lines += ["## Helpfulness against harmlessness (paper, Figure 11)", "", f"![rounds]({figure_src})", ""]
     return "\n".join(lines) + "\n"

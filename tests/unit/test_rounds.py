@@ -241,6 +241,20 @@ def test_pooled_staleness_takes_every_round_s_pairs_with_its_own_models(tmp_path
     old = (3, {"safety": {"accuracy": 0.5}, "helpfulness": entry([1], [1])}, {"safety": {"accuracy": 0.6},
                                                                              "helpfulness": entry([1], [1])})
     assert set(lib.pool_staleness([r1, r2, old])) == {"helpfulness"}
+    # by rating: where the accuracy is (or is not) recovered, from each round's accuracy and count by rating
+    rated_b = dict(entry([1, 0, 1, 1], [1, 1, 0, 0]), pairs_by_rating={"significantly_better": 2,
+                                                                      "negligibly_better": 2, "better": 0},
+                   accuracy_by_rating={"significantly_better": 0.5, "negligibly_better": 1.0, "better": None})
+    rated_a = dict(entry([1, 1, 0, 1], [1, 1, 0, 0]),
+                   accuracy_by_rating={"significantly_better": 1.0, "negligibly_better": 0.5, "better": None})
+    pooled_rated = lib.pool_staleness([(1, {"safety": rated_b}, {"safety": rated_a}),
+                                       (2, {"safety": rated_b}, {"safety": rated_a})])["safety"]
+    assert pooled_rated["by_rating"] == {"significantly_better": {"pairs": 4, "before": 0.5, "after": 1.0},
+                                         "negligibly_better": {"pairs": 4, "before": 1.0, "after": 0.5}}
+    from llama2_align.rounds_report import pooled_by_rating_lines
+
+    assert pooled_by_rating_lines({"staleness_pooled": {"safety": pooled_rated}}) == [
+        "- safety: significantly better 4 pairs 0.500 → 1.000; negligibly better 4 pairs 1.000 → 0.500"]
     # written by the report from the rounds' files, and shown as round "all" under the rounds' rows
     plan = lib.resolve_rounds(lib.RoundsConfig(preset="demo-micro", runs_root=str(tmp_path)))
     for r, before, after in (r1, r2):
