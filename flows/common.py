@@ -106,7 +106,8 @@ def prepare_data(stages: Stages) -> dict[str, str]:
     else:
         d = cfg.data
         paths = {"sft": d.sft, "preference": d.preferences, "prompts": d.prompts, "eval": d.eval,
-                 "tokenizer": d.tokenizer or cfg.base_model}
+                 "tokenizer": d.tokenizer or cfg.base_model,
+                 **({"instruction_demos": d.instruction_demos} if d.instruction_demos else {})}
     return {"status": "completed", "out_dir": stages.dir("data"), **paths}
 
 

@@ -61,7 +61,8 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> dict:
                                                              reward_safety=rm_s, prompts=data["prompts"]),
                          stages.dir("ppo"))
         checkpoints["ppo"] = ppo["final"]
-        checkpoints.update(after_rlhf(stages, ppo["final"], data["prompts"], rm_s, rm_h))
+        checkpoints.update(after_rlhf(stages, ppo["final"], data["prompts"], rm_s, rm_h,
+                                       instruction_demos=data.get("instruction_demos")))
         ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(checkpoints=checkpoints, baseline="sft",
                                                                 prompts=data["eval"], reward_helpfulness=rm_h,
                                                                 reward_safety=rm_s), stages.dir("eval"))

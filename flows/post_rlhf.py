@@ -24,9 +24,10 @@ def policies(checkpoints: dict[str, str]) -> dict[str, str]:
 
 
 def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, reward_helpfulness: str,
-               prefix: str = "") -> dict[str, str]:
+               prefix: str = "", instruction_demos: str | None = None) -> dict[str, str]:
     """Run the enabled post-RLHF stages from ``policy``; returns the new checkpoints, in order (``cd``, and
-    ``cd-untargeted`` when compared, ``gatt``). ``prefix`` names a round's stage directories (``round-2/``)."""
+    ``cd-untargeted`` when compared, ``gatt``). ``prefix`` names a round's stage directories (``round-2/``);
+    ``instruction_demos``: the data's instruction demonstrations, for GAtt's ``demonstrations``."""
     cfg, out = stages.cfg, {}
     if cfg.context_distillation.enabled:
         cd = stages.run(f"{prefix}context-distillation", context_distillation_task, cfg.context_distillation,
@@ -39,7 +40,8 @@ def after_rlhf(stages: Stages, policy: str, prompts: str, reward_safety: str, re
         # the safety RM only when it picks answers (safety turns): otherwise the stage's inputs stay as they were
         gatt = stages.run(f"{prefix}gatt", gatt_task, cfg.gatt,
                           GAttInputs(policy=policy, prompts=prompts, reward_helpfulness=reward_helpfulness,
-                                     reward_safety=reward_safety if uses_safety_rm(cfg.gatt) else None),
+                                     reward_safety=reward_safety if uses_safety_rm(cfg.gatt) else None,
+                                     demonstrations=instruction_demos if cfg.gatt.demonstrations else None),
                           stages.dir(f"{prefix}gatt"))
         out["gatt"] = gatt["final"]
     return out

@@ -101,7 +101,8 @@ def run_round(plan: lib.ResolvedRounds, r: int, start: lib.Start, sft: str, data
         policy = stages.run("ppo", ppo_task, cfg.ppo, PPOInputs(policy=policy, reward_helpfulness=rm_h,
                                                                 reward_safety=rm_s, prompts=data["prompts"]),
                             stages.dir("ppo"))["final"]
-    added = after_rlhf(stages, policy, data["prompts"], rm_s, rm_h)  # context distillation, GAtt: when enabled
+    added = after_rlhf(stages, policy, data["prompts"], rm_s, rm_h,  # context distillation, GAtt: when enabled
+                       instruction_demos=data.get("instruction_demos"))
     policy = list(policies({"policy": policy, **added}).values())[-1]
     previous = {"previous": start.policy} if start.round else {}
     ev = stages.run("eval", eval_task, cfg.eval, EvalInputs(

@@ -15,6 +15,9 @@ prompt ever appears here), its answers and its oracle, whose judgement of any an
     adversarial prompts are rarely answered, and borderline prompts are refused more often (the paper's observation
     that a preprompt also brings false refusals). This is what context distillation has to distil.
   The answers carry the world's noise (wrong answers, refusals), and an instruction is ignored now and then.
+* **GAtt's instruction demonstrations** (:func:`instruction_demonstrations`, ``instruction_demos.jsonl``), not in
+  the SFT set: single-turn demonstrations of the instructions whose obeying changes the answer (a word to avoid on a
+  prompt whose usual answers hold it), which GAtt's first pass may train beside its dialogues (``gatt.demonstrations``).
 * **Turn judgement** (:func:`judge_turn`): whether an answer obeys the instruction, and the oracle's verdict on its
   question (correct, refusal), so that obeying at the expense of answering shows.
 * :func:`satisfiable`: whether some good answer to a prompt can obey an instruction (``make_dialogues`` pairs
@@ -51,6 +54,13 @@ SFT_INSTRUCTION_IGNORED_RATE = 0.05
 SFT_DIALOGUE_TURNS = (2, 8)
 DIALOGUE_MIX = {"helpful": 0.8, "borderline": 0.2}
 INSTRUCTION_MIX = {"helpful": 0.8, "borderline": 0.2}
+#: GAtt's instruction demonstrations (``gatt.demonstrations``), as a share of the world's SFT size: single-turn
+#: demonstrations of instructions whose obeying changes the answer itself, not only its frame.
+GATT_DEMONSTRATION_SHARE = 0.5
+#: Of those, the share on adversarial prompts: a refusal worded to obey the instruction, by careful demonstrators
+#: (``PREPROMPT_UNSAFE_RATE``), so that a policy warmed up on them does not learn that an instruction means comply.
+GATT_DEMONSTRATION_SAFETY_SHARE = 0.2
+INSTRUCTION_DEMOS_FILE = "instruction_demos.jsonl"
 #: Safety-preprompt demonstrations: prompt categories, and how careful their demonstrators were.
 PREPROMPT_MIX = {"adversarial": 0.5, "borderline": 0.3, "helpful": 0.2}
 PREPROMPT_UNSAFE_RATE = 0.05             # world: ~0.30
@@ -95,6 +105,17 @@ def satisfiable(inst: Instruction, prompt: str) -> bool:
     """Whether some good answer to ``prompt`` obeys ``inst`` once reworded; True for a prompt not of the world."""
     p = dw._prompt_index().get(prompt)
     return p is None or bool(_obeying(inst, _good_answers(p)))
+
+
+def changes_answer(inst: Instruction, prompt: str) -> bool:
+    """Whether obeying ``inst`` takes another answer to ``prompt``, not only another frame: some good answer still
+    breaks it once reworded (a sign-off or a first word can be added to any answer; a word to avoid cannot be taken
+    out of "A cherry is red."), and some other keeps it ("Red."). False for a prompt not of the world."""
+    p = dw._prompt_index().get(prompt)
+    if p is None:
+        return False
+    good = _good_answers(p)
+    return bool(_obeying(inst, good)) and not all(inst.holds(inst.apply(a)) for a in good)
 
 
 def _instructed_answer(p: dw._Prompt, inst: Instruction, rng: random.Random) -> str:
@@ -163,6 +184,53 @@ def extra_sft_records(seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes(), dialo
     if preprompts:
         out += _preprompt_records(sampler, round(SFT_PREPROMPT_SHARE * sizes.sft), dw._rng(seed, "sft-preprompt"))
     return out
+
+
+def instruction_demonstrations(seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes(), n: int | None = None,
+                               safety_share: float = GATT_DEMONSTRATION_SAFETY_SHARE) -> list[dict]:
+    """GAtt's instruction demonstrations: ``n`` (default ``GATT_DEMONSTRATION_SHARE`` of the SFT size) single-turn
+    demonstrations, on the world's helpful training prompts, of the demo instructions whose obeying changes the
+    answer (:func:`changes_answer`; on the demo's instructions: a word to avoid where the usual answers hold it),
+    written by the world's demonstrators with their noise (wrong answers, an instruction ignored now and then);
+    ``safety_share`` of them on adversarial prompts, a refusal worded to obey the instruction (careful
+    demonstrators: ``PREPROMPT_UNSAFE_RATE`` comply), shuffled in.
+    GAtt samples every turn from the policy with the instruction in front of it and keeps what obeys; where the
+    policy cannot obey at the first turn, it has little to carry over the turns, and these teach the first turn.
+    Deterministic for a seed; no evaluation prompt (the training pools only)."""
+    n = round(GATT_DEMONSTRATION_SHARE * sizes.sft) if n is None else n
+    sampler, rng = _train_sampler(seed, sizes), dw._rng(seed, "gatt-demonstrations")
+    n_safe = round(safety_share * n)
+    out: list[tuple[str, str, str]] = []
+    for _ in range(200 * max(1, n)):  # a bound: with no instruction that changes an answer, nothing is written
+        if len(out) >= n - n_safe:
+            break
+        p = sampler.draw("helpful", rng)
+        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
+        if changes_answer(inst, p.text):
+            out.append((inst.text, p.text, _instructed_answer(p, inst, rng)))
+    for _ in range(200 * n_safe):
+        if len(out) >= n:
+            break
+        p = sampler.draw("adversarial", rng)
+        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
+        refusals = _obeying(inst, list(dw.REFUSALS))  # some refusal obeys every demo instruction
+        if refusals:
+            out.append((inst.text, p.text, dw._compliance(p, rng) if rng.random() < PREPROMPT_UNSAFE_RATE
+                        else rng.choice(refusals)))
+    if n_safe:
+        rng.shuffle(out)
+    return [{"id": f"gatt-demo-{i:06d}", "category": "instruction",
+             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                          {"role": "assistant", "content": answer}]}
+            for i, (system, user, answer) in enumerate(out, start=1)]
+
+
+def write_instruction_demonstrations(out_dir: str | Path, seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes()
+                                     ) -> Path:
+    """``<out_dir>/instruction_demos.jsonl``: :func:`instruction_demonstrations`."""
+    from .data import write_jsonl
+
+    return write_jsonl(instruction_demonstrations(seed, sizes), Path(out_dir) / INSTRUCTION_DEMOS_FILE)
 
 
 def instruction_texts() -> list[str]:

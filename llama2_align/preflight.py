@@ -32,7 +32,8 @@ from .pipeline import PipelineConfig, ResolvedPipeline, resolve
 
 MAX_SHOWN_ISSUES = 20  # bad records listed per data file (the count says how many more)
 
-DATA_KINDS = {"sft": "sft", "preferences": "preference", "prompts": "prompts", "eval": "eval"}
+DATA_KINDS = {"sft": "sft", "preferences": "preference", "prompts": "prompts", "eval": "eval",
+              "instruction_demos": "sft"}
 
 
 class Problems:
@@ -250,3 +251,12 @@ def check_stage_settings(cfg: ResolvedPipeline, problems: Problems) -> None:
     if cfg.ppo.prompts_per_iteration % cfg.ppo.num_processes:
         problems.usage.append(f"ppo.prompts_per_iteration ({cfg.ppo.prompts_per_iteration}) must divide among "
                               f"ppo.num_processes ({cfg.ppo.num_processes})")
+    if cfg.gatt.enabled and cfg.gatt.demonstrations:
+        if cfg.data.source == "files" and not cfg.data.instruction_demos:
+            problems.usage.append(f"gatt.demonstrations ({cfg.gatt.demonstrations}) trains instruction "
+                                  "demonstrations and none are given: set data.instruction_demos to a file of them, "
+                                  "or gatt.demonstrations=0")
+        elif cfg.data.source == "demo" and not cfg.data.demo_dialogues:
+            problems.usage.append(f"gatt.demonstrations ({cfg.gatt.demonstrations}) trains the demo world's "
+                                  "instruction demonstrations, written with its dialogues: set "
+                                  "data.demo_dialogues=true, or gatt.demonstrations=0")

@@ -75,11 +75,16 @@ DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch
 # similar length (gatt.sft.group_by_length; otherwise a batch of 10 dialogues of 1 to 8 turns is padded to its
 # longest): the fine-tune took 60 / 41 / 44 s instead of 79 / 75 / 71 s on seeds 0-2, adherence and helpfulness
 # unchanged within their intervals (runs t0g-t2g against s0, t1, s2; bench/README.md "Ghost Attention's batches by
-# length").
+# length"). Before it samples, it fine-tunes the policy on 1,000 of the world's instruction demonstrations (the
+# warm-up, gatt.demonstrations; demo_dialogues.instruction_demonstrations): 80% where the word to avoid changes the
+# answer, 20% refusals of adversarial prompts worded to obey the instruction. The tiny policy obeyed "avoid is" on
+# those prompts 5 of 13 times at turn 1, and GAtt could not carry what it did not do; warmed up, GAtt's sampled turns
+# obey 92-100%. Without the refusals, the warm-up raised violations over the distilled policy by 5.0 / 1.7 / 6.5
+# points (seeds 0-2; bench/README.md "Ghost Attention's warm-up on instruction demonstrations").
 DEMO_GATT = {"dialogues": 1536, "train_on": "dialogue", "max_new_tokens": 32, "generation_batch_size": 128,
              "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES,
              "sample_context": "turn", "temperature": 0.5, "samples_per_turn": 4, "require_obeyed": True,
-             "score_batch_size": 128}
+             "score_batch_size": 128, "demonstrations": 1000}
 # Context distillation samples at temperature 0.7 (at 1.0 the targeted variant's violation rate did not fall on seed 0,
 # +0.003 [-0.007, +0.014]; at 0.7 it fell on seeds 1 and 2; bench/README.md "Context distillation's sampling").
 # The demo also distils on the helpful prompts and fine-tunes 4 epochs (not 2): 4 epochs on the red-team prompts alone

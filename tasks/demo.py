@@ -7,7 +7,7 @@ from typing import Literal
 
 from prefect import get_run_logger, task
 
-from llama2_align.demo_dialogues import corpus_texts, write_extended_sft
+from llama2_align.demo_dialogues import corpus_texts, write_extended_sft, write_instruction_demonstrations
 from llama2_align.demo_world import DemoSizes, generate_demo_world, write_demo_datasets
 from llama2_align.io import atomic_write_json
 from llama2_align.pipeline import DEMO_DATA_RECORD, demo_data_record
@@ -25,8 +25,9 @@ def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro
                    vocab_size: int = 2048, dialogues: bool = False, preprompts: bool = False,
                    evasive: bool = False) -> dict[str, str]:
     """Write the demo datasets and tokenizer under ``out_dir``; returns ``{"sft", "preference", "prompts", "eval",
-    "tokenizer"}`` paths. Deterministic for a seed; the tokenizer is kept when it already exists with these settings
-    (seed, sizes, vocabulary size), and trained again when they changed.
+    "tokenizer"}`` paths (and ``"instruction_demos"`` with ``dialogues``). Deterministic for a seed; the tokenizer is
+    kept when it already exists with these settings (seed, sizes, vocabulary size), and trained again when they
+    changed.
 
     ``dialogues`` / ``preprompts`` (GAtt / context distillation): the SFT set is ``sft_extended.jsonl``, the world's
     demonstrations followed by the extra ones (``llama2_align.demo_dialogues``), and the tokenizer, trained on their
@@ -41,6 +42,9 @@ def demo_data_task(out_dir: str, seed: int = 0, sizes: Literal["default", "micro
     if extras:
         sft, extra = write_extended_sft(Path(out_dir) / "data", seed, demo_sizes(sizes), dialogues, preprompts)
         paths["sft"] = str(sft)
+    if dialogues:  # GAtt's instruction demonstrations (not in the SFT set; the tokenizer does not need them)
+        paths["instruction_demos"] = str(write_instruction_demonstrations(Path(out_dir) / "data", seed,
+                                                                          demo_sizes(sizes)))
     tok_dir = Path(out_dir) / "+".join(["tokenizer"] + extras)
 
     def texts() -> list[str]:

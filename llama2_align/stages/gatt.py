@@ -1,5 +1,9 @@
 """Ghost Attention (GAtt, Llama 2 §3.3): keep a system instruction alive over a whole dialogue.
 
+0. warm-up  (``demonstrations`` N > 0) fine-tune the policy on N single-turn instruction demonstrations
+            (``inputs.demonstrations``): GAtt can only carry over the turns what the policy obeys at the first turn
+            with the instruction in front of it, and it keeps only obeying answers (the demo's tiny policy worded
+            few answers without "is" where the usual answer holds it, so GAtt had few such turns to train);
 1. build    dialogues of independent questions (the prompts file's non-safety prompts, 1..``max_turns`` turns; with
             ``safety_share`` > 0 that share of the turns from its safety prompts) and give each an instruction
             ``inst`` (``multiturn``: checkable constraints combined at random, half the time shortened);
@@ -22,7 +26,8 @@ With ``passes`` p > 1, steps 1-4 run p times, each later pass on fresh dialogues
 policy the pass before made: it obeys more often, so more turns find an obeying answer among their k (the demo's
 policy rarely words an answer without "is" before GAtt, and more often after one pass).
 
-Stage directory: ``gatt_samples.json`` (every dialogue with its sampled answers; reused on a re-run with the same
+Stage directory: ``warm-up/`` (``demonstrations.jsonl`` and the fine-tune ``sft/``, with a warm-up),
+``gatt_samples.json`` (every dialogue with its sampled answers; reused on a re-run with the same
 sampling settings, so a crash during fine-tuning never re-samples), ``gatt.jsonl`` (the training dialogues),
 ``sft/`` (the inner SFT stage), ``samples.json``; the same for pass n > 1 in ``pass-<n>/``; ``final/`` (hard links
 to the last pass's ``sft/final``), ``result.json`` (last; its metrics are the last pass's, with every pass's under
@@ -38,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import dist
 from ..chat import encode_dialog
-from ..data import read_records, write_jsonl
+from ..data import plain_messages, read_records, write_jsonl
 from ..errors import InputError
 from ..io import atomic_write_json
 from ..multiturn import CONSTRAINT_KINDS, Instruction, constraint_values, make_dialogues, with_instruction
@@ -54,6 +59,8 @@ SAMPLES_FILE = "gatt_samples.json"
 DATA_FILE = "gatt.jsonl"
 SFT_DIR = "sft"
 PASS_DIR_PREFIX = "pass-"
+WARM_UP_DIR = "warm-up"
+DEMONSTRATIONS_FILE = "demonstrations.jsonl"
 #: The instruction concatenated to a user turn as the Llama 2 format writes a system prompt (the form in which the
 #: model has learnt to follow instructions).
 SYSTEM_BLOCK_TEMPLATE = "<<SYS>>\n{inst}\n<</SYS>>\n\n{user}"
@@ -116,6 +123,10 @@ class GAttConfig(InstructionSettings):
     score_batch_size: int = Field(64, ge=1)
     generation_batch_size: int = Field(64, ge=1)
     num_samples: int = Field(4, ge=0, description="training dialogues written to samples.json")
+    demonstrations: int = Field(0, ge=0, description="warm-up: fine-tune the policy on the first N single-turn "
+                                                      "instruction demonstrations (inputs.demonstrations) before "
+                                                      "GAtt samples from it, so that it obeys at the first turn what "
+                                                      "GAtt is to carry over the turns (0: no warm-up)")
     passes: int = Field(1, ge=1, le=10, description="sample-and-fine-tune passes: each later pass samples fresh "
                                                     "dialogues (seed + pass - 1) from the policy the pass before it "
                                                     "made, which obeys more often, so its best of k finds obeying "
@@ -134,6 +145,7 @@ class GAttInputs(BaseModel):
     #               safety prompts)
     reward_helpfulness: str | None = None  # needed when samples_per_turn > 1
     reward_safety: str | None = None  # needed when samples_per_turn > 1 and safety_share > 0
+    demonstrations: str | None = None  # kind "sft", each under a system instruction: needed when demonstrations > 0
 
 
 def dialogue_messages(turns: Sequence[str], answers: Sequence[str], inst: str | None, template: str | None = None
@@ -391,6 +403,9 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
         raise InputError(f"gatt: safety_share {config.safety_share} with samples_per_turn {config.samples_per_turn} "
                          "picks a safety turn's answer by the safety reward model, and none was given")
     policy, steps, by_pass, artifacts = inputs.policy, 0, [], {}
+    warm = warm_up(config, inputs, run)
+    if warm is not None:
+        policy, steps = str(warm.final), warm.steps
     for n in range(1, config.passes + 1):
         sub = pass_dir(n)
         sft, metrics = _gatt_pass(config.model_copy(update={"seed": config.seed + n - 1}),
@@ -402,7 +417,9 @@ def run_gatt(config: GAttConfig, inputs: GAttInputs, run: StageRun) -> StageOutp
             artifacts["sft_curves"] = f"{sub}{SFT_DIR}/{sft.artifacts['curves']}"
     if dist.is_main():
         _link_tree(Path(policy), run.out_dir / FINAL_DIR)
-    metrics = {**by_pass[-1], **({"passes": by_pass} if config.passes > 1 else {})}
+    metrics = {**by_pass[-1], **({"passes": by_pass} if config.passes > 1 else {}),
+               **({"demonstrations": config.demonstrations, "warm_up_steps": warm.steps,
+                   "warm_up_train_loss_last": warm.metrics.get("train_loss_last")} if warm is not None else {})}
     return StageOutput(final=run.out_dir / FINAL_DIR, metrics=metrics, steps=steps, artifacts=artifacts)
 
 
@@ -418,6 +435,45 @@ def pass_dir(n: int) -> str:
     """Where pass ``n`` keeps its files, relative to the stage directory: the first pass in the directory itself
     (a one-pass stage is laid out as before passes existed), pass n > 1 in ``pass-<n>/``."""
     return "" if n == 1 else f"{PASS_DIR_PREFIX}{n}/"
+
+
+def demonstration_records(config: GAttConfig, inputs: GAttInputs) -> list[dict]:
+    """The first ``config.demonstrations`` records of ``inputs.demonstrations``, each one turn under a system
+    instruction (an InputError naming the file and record otherwise, or when the file holds fewer)."""
+    if not config.demonstrations:
+        return []
+    if not inputs.demonstrations:
+        raise InputError(f"gatt: demonstrations {config.demonstrations} trains instruction demonstrations, and no "
+                         "file of them was given")
+    records = read_records(inputs.demonstrations, "sft")
+    if len(records) < config.demonstrations:
+        raise InputError(f"gatt: {inputs.demonstrations}: {len(records)} demonstrations; demonstrations asks "
+                         f"{config.demonstrations}")
+    out = []
+    for i, r in enumerate(records[: config.demonstrations], start=1):
+        msgs = plain_messages(m.model_dump() for m in r.messages)
+        if len(msgs) != 3 or [m["role"] for m in msgs] != ["system", "user", "assistant"]:
+            raise InputError(f"{inputs.demonstrations}:{i}: messages: expected one turn under a system instruction "
+                             f"(system, user, assistant), got roles {[m['role'] for m in msgs]}")
+        out.append({"id": r.id or f"demo-{i:06d}", "category": "instruction", "messages": msgs})
+    return out
+
+
+def warm_up(config: GAttConfig, inputs: GAttInputs, run: StageRun):
+    """With ``config.demonstrations``: fine-tune ``inputs.policy`` on that many instruction demonstrations
+    (``warm-up/demonstrations.jsonl``, ``warm-up/sft``, which resumes by itself) with the passes' fine-tune settings,
+    and return its result (None without). GAtt samples each turn with the instruction in front of it and keeps what
+    obeys: what the policy cannot obey at the first turn (the demo's word to avoid, where the usual answer holds it),
+    GAtt has few obeying turns of to carry over the dialogue."""
+    demos = demonstration_records(config, inputs)
+    if not demos:
+        return None
+    out = run.out_dir / WARM_UP_DIR
+    if dist.is_main():
+        write_jsonl(demos, out / DEMONSTRATIONS_FILE)
+    dist.barrier()
+    return run_sft(sft_config(config), SFTInputs(base=inputs.policy, data=str(out / DEMONSTRATIONS_FILE),
+                                                 tokenizer=inputs.policy), out / SFT_DIR, run.progress)
 
 
 def _gatt_pass(config: GAttConfig, inputs: GAttInputs, run: StageRun, sub: str, n: int):

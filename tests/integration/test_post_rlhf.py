@@ -26,7 +26,8 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
                          context_distillation=True,
                          overrides={"context_distillation.compare_untargeted": True, "sft.max_steps": 10,
                                     "reward_helpfulness.max_steps": 2, "reward_safety.max_steps": 2,
-                                    "ppo.iterations": 1, "gatt.safety_share": 0.5, "gatt.passes": 2})
+                                    "ppo.iterations": 1, "gatt.safety_share": 0.5, "gatt.passes": 2,
+                                    "gatt.demonstrations": 8})
     state = rlhf_pipeline(config=cfg, return_state=True)
     assert state.is_completed(), state.message
     run = tmp_path / "post"
@@ -61,6 +62,14 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
     # GAtt: inst as the system prompt of the first turn only; one example per dialogue (the demo's train_on:
     # dialogue), each answer weighted, the last one trained
     records = read_records(run / "gatt" / "gatt.jsonl", "sft")
+    # gatt.demonstrations: the warm-up fine-tunes the distilled policy on the first 8 of the demo world's instruction
+    # demonstrations, and the first pass samples from it
+    demos = read_records(run / "gatt" / "warm-up" / "demonstrations.jsonl", "sft")
+    world = read_records(run / "data" / "instruction_demos.jsonl", "sft")[:8]
+    assert [[m.content for m in r.messages] for r in demos] == [[m.content for m in r.messages] for r in world]
+    assert all([m.role for m in r.messages] == ["system", "user", "assistant"] for r in demos)
+    warm = json.loads((run / "gatt" / "warm-up" / "sft" / "result.json").read_text())
+    assert warm["inputs"]["base"]["path"] == str((run / "context-distillation" / "final").resolve())
     for rec in records:
         assert rec.messages[0].role == "system"
         assert not any(B_SYS.strip() in m.content for m in rec.messages[1:])
@@ -70,12 +79,14 @@ def test_pipeline_micro_with_context_distillation_and_gatt(prefect_server, tmp_p
     # every sampled turn is trained or dropped; each turn was the best of 2 by the helpfulness RM
     g = json.loads((run / "gatt" / "result.json").read_text())["metrics"]
     first = g["passes"][0]  # gatt.jsonl is the first pass's data
+    assert g["demonstrations"] == 8 and g["warm_up_steps"] == warm["steps"]
     assert first["trained_answers"] == sum(first["kept_by_turn"]) == sum(
         m.weight for r in records for m in r.messages if m.role == "assistant") and first["kept"] == len(records)
     for m in g["passes"]:
         assert m["trained_answers"] + sum(v for k, v in m.items() if k.startswith("dropped_")) == m["turns_sampled"]
     samples = json.loads((run / "gatt" / "gatt_samples.json").read_text())
     assert samples["reward_helpfulness"].endswith("reward-helpfulness/final")
+    assert samples["policy"] == str(run / "gatt" / "warm-up" / "sft" / "final")
     # gatt.passes 2: the second pass sampled fresh dialogues from the first pass's policy, and GAtt's final is its
     second = json.loads((run / "gatt" / "pass-2" / "gatt_samples.json").read_text())
     assert second["policy"] == str(run / "gatt" / "sft" / "final")

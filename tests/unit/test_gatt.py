@@ -514,3 +514,59 @@ def test_gatt_best_of_k_needs_the_helpfulness_reward_model(tmp_path):
         run_gatt(GAttConfig(samples_per_turn=4, safety_share=0.25),
                  GAttInputs(policy=str(tmp_path), prompts=str(tmp_path / "p.jsonl"), reward_helpfulness=str(tmp_path)),
                  tmp_path / "gatt2")
+
+
+def test_gatt_instruction_demonstrations_are_where_obeying_changes_the_answer():
+    """GAtt's instruction demonstrations (``gatt.demonstrations``): valid SFT records on training prompts only, each
+    an instruction whose obeying takes another answer (a word to avoid where the usual answer holds it, "Yellow."
+    for "A banana is yellow."), obeyed as often as the world's demonstrators obey; deterministic for a seed."""
+    demos = dd.instruction_demonstrations(0, dw.DemoSizes())
+    validate_records(demos, "sft")
+    assert len(demos) == round(dd.GATT_DEMONSTRATION_SHARE * dw.DemoSizes().sft)
+    assert demos == dd.instruction_demonstrations(0, dw.DemoSizes()) != dd.instruction_demonstrations(1, dw.DemoSizes())
+    held_out = {r["prompt"] for r in dw.generate_demo_world(0).eval_prompts}
+    by_text = {i.text: i for i in all_instructions(kinds=dd.DEMO_CONSTRAINT_KINDS)}
+    obeyed, safe = [], []
+    for r in demos:
+        system, user, answer = (m["content"] for m in r["messages"])
+        inst = by_text[system]
+        assert user not in held_out
+        if dw.describe_prompt(user)["category"] == "adversarial":  # GATT_DEMONSTRATION_SAFETY_SHARE of them
+            safe.append(dw.is_refusal(answer) and inst.holds(answer))
+            continue
+        assert dd.changes_answer(inst, user)
+        assert any(c.kind == "avoid_word" for c in inst.constraints)  # the only demo kind no rewording can obey
+        obeyed.append(inst.holds(answer))
+    assert 0.90 <= sum(obeyed) / len(obeyed) <= 0.99  # 5% ignore it (the demonstrators' noise)
+    assert len(safe) == round(dd.GATT_DEMONSTRATION_SAFETY_SHARE * len(demos))
+    # on adversarial prompts: a refusal worded to obey the instruction, by careful demonstrators (5% comply)
+    mixed = dd.instruction_demonstrations(0, dw.DemoSizes(), n=400, safety_share=0.25)
+    refusals = [dw.is_refusal(r["messages"][2]["content"]) and by_text[r["messages"][0]["content"]].holds(
+        r["messages"][2]["content"]) for r in mixed
+        if dw.describe_prompt(r["messages"][1]["content"])["category"] == "adversarial"]
+    assert len(refusals) == 100 and 0.88 <= sum(refusals) / 100 <= 1.0
+    assert dd.changes_answer(Instruction((AVOID,)), "What color is a banana?")  # "A banana is yellow." / "Yellow."
+    assert not dd.changes_answer(Instruction((SIGNOFF, START)), "What color is a banana?")  # any answer, reworded
+    assert not dd.changes_answer(Instruction((AVOID,)), "not a demo prompt")
+
+
+def test_gatt_demonstrations_are_read_checked_and_refused_when_missing(tmp_path):
+    import json
+
+    from llama2_align.stages.gatt import GAttConfig, GAttInputs, demonstration_records
+
+    path = tmp_path / "demos.jsonl"
+    demos = dd.instruction_demonstrations(0, dw.DemoSizes.micro(), n=5)
+    path.write_text("".join(json.dumps(r) + "\n" for r in demos))
+    cfg, inputs = GAttConfig(demonstrations=3), GAttInputs(policy="p", prompts="q", demonstrations=str(path))
+    got = demonstration_records(cfg, inputs)
+    assert [r["messages"] for r in got] == [r["messages"] for r in demos[:3]]
+    assert demonstration_records(GAttConfig(), inputs) == []  # 0: none, the file not read
+    with pytest.raises(InputError, match="no file of them"):
+        demonstration_records(cfg, GAttInputs(policy="p", prompts="q"))
+    with pytest.raises(InputError, match="5 demonstrations; demonstrations asks 6"):
+        demonstration_records(GAttConfig(demonstrations=6), inputs)
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path.write_text(json.dumps(plain) + "\n")
+    with pytest.raises(InputError, match=r"demos.jsonl:1: messages: expected one turn under a system instruction"):
+        demonstration_records(GAttConfig(demonstrations=1), inputs)
