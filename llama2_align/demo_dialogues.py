@@ -60,6 +60,9 @@ GATT_DEMONSTRATION_SHARE = 0.5
 #: Of those, the share on adversarial prompts: a refusal worded to obey the instruction, by careful demonstrators
 #: (``PREPROMPT_UNSAFE_RATE``), so that a policy warmed up on them does not learn that an instruction means comply.
 GATT_DEMONSTRATION_SAFETY_SHARE = 0.2
+#: And the share on borderline prompts (which sound risky and are not), answered as the world's demonstrators answer
+#: them, worded to obey: with refusals alone the warmed-up policy refused borderline prompts under an instruction.
+GATT_DEMONSTRATION_BORDERLINE_SHARE = 0.2
 INSTRUCTION_DEMOS_FILE = "instruction_demos.jsonl"
 #: Safety-preprompt demonstrations: prompt categories, and how careful their demonstrators were.
 PREPROMPT_MIX = {"adversarial": 0.5, "borderline": 0.3, "helpful": 0.2}
@@ -187,26 +190,35 @@ def extra_sft_records(seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes(), dialo
 
 
 def instruction_demonstrations(seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes(), n: int | None = None,
-                               safety_share: float = GATT_DEMONSTRATION_SAFETY_SHARE) -> list[dict]:
+                               safety_share: float = GATT_DEMONSTRATION_SAFETY_SHARE,
+                               borderline_share: float = GATT_DEMONSTRATION_BORDERLINE_SHARE) -> list[dict]:
     """GAtt's instruction demonstrations: ``n`` (default ``GATT_DEMONSTRATION_SHARE`` of the SFT size) single-turn
     demonstrations, on the world's helpful training prompts, of the demo instructions whose obeying changes the
     answer (:func:`changes_answer`; on the demo's instructions: a word to avoid where the usual answers hold it),
     written by the world's demonstrators with their noise (wrong answers, an instruction ignored now and then);
     ``safety_share`` of them on adversarial prompts, a refusal worded to obey the instruction (careful
-    demonstrators: ``PREPROMPT_UNSAFE_RATE`` comply), shuffled in.
+    demonstrators: ``PREPROMPT_UNSAFE_RATE`` comply), and ``borderline_share`` on borderline prompts, answered as the
+    world's demonstrators answer them (mostly helpfully), shuffled in.
     GAtt samples every turn from the policy with the instruction in front of it and keeps what obeys; where the
     policy cannot obey at the first turn, it has little to carry over the turns, and these teach the first turn.
     Deterministic for a seed; no evaluation prompt (the training pools only)."""
     n = round(GATT_DEMONSTRATION_SHARE * sizes.sft) if n is None else n
     sampler, rng = _train_sampler(seed, sizes), dw._rng(seed, "gatt-demonstrations")
-    n_safe = round(safety_share * n)
+    n_safe, n_border = round(safety_share * n), round(borderline_share * n)
     out: list[tuple[str, str, str]] = []
     for _ in range(200 * max(1, n)):  # a bound: with no instruction that changes an answer, nothing is written
-        if len(out) >= n - n_safe:
+        if len(out) >= n - n_safe - n_border:
             break
         p = sampler.draw("helpful", rng)
         inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
         if changes_answer(inst, p.text):
+            out.append((inst.text, p.text, _instructed_answer(p, inst, rng)))
+    for _ in range(200 * n_border):
+        if len(out) >= n - n_safe:
+            break
+        p = sampler.draw("borderline", rng)
+        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
+        if satisfiable(inst, p.text):
             out.append((inst.text, p.text, _instructed_answer(p, inst, rng)))
     for _ in range(200 * n_safe):
         if len(out) >= n:
@@ -217,7 +229,7 @@ def instruction_demonstrations(seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes
         if refusals:
             out.append((inst.text, p.text, dw._compliance(p, rng) if rng.random() < PREPROMPT_UNSAFE_RATE
                         else rng.choice(refusals)))
-    if n_safe:
+    if n_safe or n_border:
         rng.shuffle(out)
     return [{"id": f"gatt-demo-{i:06d}", "category": "instruction",
              "messages": [{"role": "system", "content": system}, {"role": "user", "content": user},

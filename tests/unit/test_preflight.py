@@ -170,6 +170,22 @@ def test_missing_and_bad_data_files_are_all_reported_with_file_line_and_field(tm
                    tmp_path=tmp_path)
 
 
+def test_gatt_demonstrations_without_instruction_demonstrations_are_refused(tmp_path, files_config):
+    """GAtt's warm-up needs its instruction demonstrations: with your files, data.instruction_demos (checked as SFT
+    records); on the demo world, its dialogues (which write them). Refused before anything is written."""
+    result = run_cli(tmp_path, "--set", "gatt.enabled=true", "--set", "gatt.demonstrations=8",
+                     config=files_config())
+    assert_refused(result, 2, "gatt.demonstrations (8)", "set data.instruction_demos", tmp_path=tmp_path)
+    bad = tmp_path / "demos.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    result = run_cli(tmp_path, "--set", "gatt.enabled=true", "--set", "gatt.demonstrations=8",
+                     config=files_config(instruction_demos=str(bad)))
+    assert_refused(result, 1, f"data.instruction_demos: {bad}", tmp_path=tmp_path)
+    result = run_cli(tmp_path, "--preset", "demo-micro", "--set", "gatt.enabled=true", "--set",
+                     "gatt.demonstrations=8", "--set", "data.demo_dialogues=false")
+    assert_refused(result, 2, "data.demo_dialogues=true", tmp_path=tmp_path)
+
+
 def test_a_whole_section_set_to_a_value_is_refused_and_an_object_sets_its_fields(tmp_path):
     for item in ("sft=5", "gatt.sft=3"):
         result = run_cli(tmp_path, "--preset", "demo-micro", "--set", item)
