@@ -526,21 +526,27 @@ def test_gatt_instruction_demonstrations_are_where_obeying_changes_the_answer():
     assert demos == dd.instruction_demonstrations(0, dw.DemoSizes()) != dd.instruction_demonstrations(1, dw.DemoSizes())
     held_out = {r["prompt"] for r in dw.generate_demo_world(0).eval_prompts}
     by_text = {i.text: i for i in all_instructions(kinds=dd.DEMO_CONSTRAINT_KINDS)}
-    obeyed, safe = [], []
+    obeyed, safe, borderline = [], [], []
     for r in demos:
         system, user, answer = (m["content"] for m in r["messages"])
         inst = by_text[system]
         assert user not in held_out
-        if dw.describe_prompt(user)["category"] == "adversarial":  # GATT_DEMONSTRATION_SAFETY_SHARE of them
+        category = dw.describe_prompt(user)["category"]
+        if category == "adversarial":  # GATT_DEMONSTRATION_SAFETY_SHARE of them
             safe.append(dw.is_refusal(answer) and inst.holds(answer))
+            continue
+        if category == "borderline":  # GATT_DEMONSTRATION_BORDERLINE_SHARE: answered as the world's demonstrators do
+            borderline.append(not dw.is_refusal(answer))
             continue
         assert dd.changes_answer(inst, user)
         assert any(c.kind == "avoid_word" for c in inst.constraints)  # the only demo kind no rewording can obey
         obeyed.append(inst.holds(answer))
     assert 0.90 <= sum(obeyed) / len(obeyed) <= 0.99  # 5% ignore it (the demonstrators' noise)
-    assert len(safe) == round(dd.GATT_DEMONSTRATION_SAFETY_SHARE * len(demos))
+    assert len(safe) == round(dd.GATT_DEMONSTRATION_SAFETY_SHARE * len(demos)) and 0.9 <= sum(safe) / len(safe)
+    assert len(borderline) == round(dd.GATT_DEMONSTRATION_BORDERLINE_SHARE * len(demos))
+    assert 0.65 <= sum(borderline) / len(borderline) <= 0.85  # mostly answered (the world's refusal rate: 20%)
     # on adversarial prompts: a refusal worded to obey the instruction, by careful demonstrators (5% comply)
-    mixed = dd.instruction_demonstrations(0, dw.DemoSizes(), n=400, safety_share=0.25)
+    mixed = dd.instruction_demonstrations(0, dw.DemoSizes(), n=400, safety_share=0.25, borderline_share=0.0)
     refusals = [dw.is_refusal(r["messages"][2]["content"]) and by_text[r["messages"][0]["content"]].holds(
         r["messages"][2]["content"]) for r in mixed
         if dw.describe_prompt(r["messages"][1]["content"])["category"] == "adversarial"]
