@@ -76,11 +76,12 @@ DEMO_POST_SFT = {"learning_rate": 3e-4, "weight_decay": 0.0, "epochs": 2, "batch
 # longest): the fine-tune took 60 / 41 / 44 s instead of 79 / 75 / 71 s on seeds 0-2, adherence and helpfulness
 # unchanged within their intervals (runs t0g-t2g against s0, t1, s2; bench/README.md "Ghost Attention's batches by
 # length"). Before it samples, it fine-tunes the policy on 1,000 of the world's instruction demonstrations (the
-# warm-up, gatt.demonstrations; demo_dialogues.instruction_demonstrations): 80% where the word to avoid changes the
-# answer, 20% refusals of adversarial prompts worded to obey the instruction. The tiny policy obeyed "avoid is" on
-# those prompts 5 of 13 times at turn 1, and GAtt could not carry what it did not do; warmed up, GAtt's sampled turns
-# obey 92-100%. Without the refusals, the warm-up raised violations over the distilled policy by 5.0 / 1.7 / 6.5
-# points (seeds 0-2; bench/README.md "Ghost Attention's warm-up on instruction demonstrations").
+# warm-up, gatt.demonstrations; demo_dialogues.instruction_demonstrations): 60% where the word to avoid changes the
+# answer, 20% refusals of adversarial prompts and 20% borderline prompts answered, all worded to obey. The tiny policy
+# obeyed "avoid is" on those prompts 5 of 13 times at turn 1, and GAtt could not carry what it did not do; warmed up,
+# adherence at turns 6-8 0.983 / 0.958 / 0.969 (seeds 0-2; 0.875 / 0.812 / 0.910 before). Without the refusals the
+# warm-up raised violations over the distilled policy by 5.0 / 1.7 / 6.5 points; with refusals alone the policy
+# refused borderline prompts under an instruction (bench/README.md "Ghost Attention's warm-up").
 DEMO_GATT = {"dialogues": 1536, "train_on": "dialogue", "max_new_tokens": 32, "generation_batch_size": 128,
              "constraint_kinds": list(DEMO_CONSTRAINT_KINDS), "constraint_values": DEMO_CONSTRAINT_VALUES,
              "sample_context": "turn", "temperature": 0.5, "samples_per_turn": 4, "require_obeyed": True,
