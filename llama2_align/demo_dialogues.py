@@ -206,29 +206,30 @@ def instruction_demonstrations(seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes
     sampler, rng = _train_sampler(seed, sizes), dw._rng(seed, "gatt-demonstrations")
     n_safe, n_border = round(safety_share * n), round(borderline_share * n)
     out: list[tuple[str, str, str]] = []
-    for _ in range(200 * max(1, n)):  # a bound: with no instruction that changes an answer, nothing is written
-        if len(out) >= n - n_safe - n_border:
-            break
-        p = sampler.draw("helpful", rng)
-        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
-        if changes_answer(inst, p.text):
-            out.append((inst.text, p.text, _instructed_answer(p, inst, rng)))
-    for _ in range(200 * n_border):
-        if len(out) >= n - n_safe:
-            break
-        p = sampler.draw("borderline", rng)
-        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
-        if satisfiable(inst, p.text):
-            out.append((inst.text, p.text, _instructed_answer(p, inst, rng)))
-    for _ in range(200 * n_safe):
-        if len(out) >= n:
-            break
-        p = sampler.draw("adversarial", rng)
-        inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
+
+    def fill(category: str, upto: int, answer) -> None:
+        """Draw prompts of ``category`` and an instruction each until ``out`` holds ``upto`` records; ``answer``
+        gives the demonstration's answer, or None to draw again (bounded: with none possible, fewer are written)."""
+        for _ in range(200 * max(1, upto - len(out))):
+            if len(out) >= upto:
+                break
+            p = sampler.draw(category, rng)
+            inst = sample_instruction(rng, kinds=DEMO_CONSTRAINT_KINDS, values=DEMO_CONSTRAINT_VALUES)
+            text = answer(p, inst)
+            if text is not None:
+                out.append((inst.text, p.text, text))
+
+    def refusal(p: dw._Prompt, inst: Instruction) -> str | None:
         refusals = _obeying(inst, list(dw.REFUSALS))  # some refusal obeys every demo instruction
-        if refusals:
-            out.append((inst.text, p.text, dw._compliance(p, rng) if rng.random() < PREPROMPT_UNSAFE_RATE
-                        else rng.choice(refusals)))
+        if not refusals:
+            return None
+        return dw._compliance(p, rng) if rng.random() < PREPROMPT_UNSAFE_RATE else rng.choice(refusals)
+
+    fill("helpful", n - n_safe - n_border,
+         lambda p, inst: _instructed_answer(p, inst, rng) if changes_answer(inst, p.text) else None)
+    fill("borderline", n - n_safe,
+         lambda p, inst: _instructed_answer(p, inst, rng) if satisfiable(inst, p.text) else None)
+    fill("adversarial", n, refusal)
     if n_safe or n_border:
         rng.shuffle(out)
     return [{"id": f"gatt-demo-{i:06d}", "category": "instruction",
