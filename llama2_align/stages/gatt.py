@@ -463,8 +463,8 @@ def warm_up(config: GAttConfig, inputs: GAttInputs, run: StageRun):
     """With ``config.demonstrations``: fine-tune ``inputs.policy`` on that many instruction demonstrations
     (``warm-up/demonstrations.jsonl``, ``warm-up/sft``, which resumes by itself) with the passes' fine-tune settings,
     and return its result (None without). GAtt samples each turn with the instruction in front of it and keeps what
-    obeys: what the policy cannot obey at the first turn (the demo's word to avoid, where the usual answer holds it),
-    GAtt has few obeying turns of to carry over the dialogue."""
+    obeys: where the policy cannot obey at the first turn (the demo's word to avoid, where the usual answer holds it),
+    GAtt finds few obeying turns to carry over the dialogue."""
     demos = demonstration_records(config, inputs)
     if not demos:
         return None
