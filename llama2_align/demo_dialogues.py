@@ -17,7 +17,8 @@ prompt ever appears here), its answers and its oracle, whose judgement of any an
   The answers carry the world's noise (wrong answers, refusals), and an instruction is ignored now and then.
 * **GAtt's instruction demonstrations** (:func:`instruction_demonstrations`, ``instruction_demos.jsonl``), not in
   the SFT set: single-turn demonstrations of the instructions whose obeying changes the answer (a word to avoid on a
-  prompt whose usual answers hold it), which GAtt's first pass may train beside its dialogues (``gatt.demonstrations``).
+  prompt whose usual answers hold it; and refusals and borderline answers worded to obey), on which GAtt's warm-up
+  fine-tunes the policy before it samples (``gatt.demonstrations``).
 * **Turn judgement** (:func:`judge_turn`): whether an answer obeys the instruction, and the oracle's verdict on its
   question (correct, refusal), so that obeying at the expense of answering shows.
 * :func:`satisfiable`: whether some good answer to a prompt can obey an instruction (``make_dialogues`` pairs
@@ -118,7 +119,7 @@ def changes_answer(inst: Instruction, prompt: str) -> bool:
     if p is None:
         return False
     good = _good_answers(p)
-    return bool(_obeying(inst, good)) and not all(inst.holds(inst.apply(a)) for a in good)
+    return 0 < len(_obeying(inst, good)) < len(good)
 
 
 def _instructed_answer(p: dw._Prompt, inst: Instruction, rng: random.Random) -> str:
@@ -193,8 +194,8 @@ def instruction_demonstrations(seed: int = 0, sizes: dw.DemoSizes = dw.DemoSizes
                                safety_share: float = GATT_DEMONSTRATION_SAFETY_SHARE,
                                borderline_share: float = GATT_DEMONSTRATION_BORDERLINE_SHARE) -> list[dict]:
     """GAtt's instruction demonstrations: ``n`` (default ``GATT_DEMONSTRATION_SHARE`` of the SFT size) single-turn
-    demonstrations, on the world's helpful training prompts, of the demo instructions whose obeying changes the
-    answer (:func:`changes_answer`; on the demo's instructions: a word to avoid where the usual answers hold it),
+    demonstrations on the world's training prompts: on helpful ones, of the demo instructions whose obeying changes
+    the answer (:func:`changes_answer`; on the demo's instructions: a word to avoid where the usual answers hold it),
     written by the world's demonstrators with their noise (wrong answers, an instruction ignored now and then);
     ``safety_share`` of them on adversarial prompts, a refusal worded to obey the instruction (careful
     demonstrators: ``PREPROMPT_UNSAFE_RATE`` comply), and ``borderline_share`` on borderline prompts, answered as the

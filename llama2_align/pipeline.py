@@ -62,8 +62,9 @@ class DataSettings(BaseModel):
     eval: str | None = None
     tokenizer: str | None = Field(None, description="files only; default: the base checkpoint's own tokenizer")
     instruction_demos: str | None = Field(
-        None, description="files only: single-turn SFT records under a system instruction that GAtt's first pass "
-                          "trains beside its dialogues (gatt.demonstrations; the demo world writes its own)")
+        None, description="files only: single-turn SFT records under a system instruction that GAtt's warm-up "
+                          "fine-tunes the policy on before it samples (gatt.demonstrations; the demo world writes "
+                          "its own)")
     # GAtt and context distillation: the demo world's extra SFT demonstrations (llama2_align/demo_dialogues.py)
     demo_dialogues: bool | None = Field(None, description="demo only: add instruction and multi-turn SFT "
                                                           "demonstrations (default: when gatt is enabled)")

@@ -150,30 +150,26 @@ def round_rows(report: dict) -> list[dict[str, str]]:
     return rows
 
 
+def _staleness_row(round_label: str, kind: str, s: dict) -> dict[str, str]:
+    """One row of the staleness table from a ``staleness`` entry (a round's, or every round's pooled: no held-out
+    figure, which differs by round)."""
+    return {"round": round_label, "reward model": kind, "test pairs": str(s.get("pairs")),
+            "previous RM, held-out": _v(s.get("previous_heldout")) if "previous_heldout" in s else "",
+            "previous RM, new pairs": f"{_v(s.get('before'))} [{_v(s.get('before_decisive'))}]",
+            "retrained RM, new pairs": f"{_v(s.get('after'))} [{_v(s.get('after_decisive'))}]",
+            "decisive pairs": str(s.get("decisive_pairs")),
+            "retrained - previous": _ci(s["change"]) if s.get("change") else "",
+            "on decisive pairs": _ci(s["change_decisive"]) if s.get("change_decisive") else ""}
+
+
 def staleness_rows(report: dict) -> list[dict[str, str]]:
     """Per round and reward model: the previous model's held-out accuracy, its accuracy on the round's new pairs
     (test pairs, never trained on) and the retrained model's on the same pairs; decisive pairs (not negligibly
-    better) in brackets."""
-    rows = []
-    for r in report["rounds"]:
-        for kind, s in (r.get("staleness") or {}).items():
-            rows.append({"round": str(r["round"]), "reward model": kind, "test pairs": str(s.get("pairs")),
-                         "previous RM, held-out": _v(s.get("previous_heldout")),
-                         "previous RM, new pairs": f"{_v(s.get('before'))} [{_v(s.get('before_decisive'))}]",
-                         "retrained RM, new pairs": f"{_v(s.get('after'))} [{_v(s.get('after_decisive'))}]",
-                         "decisive pairs": str(s.get("decisive_pairs")),
-                         "retrained - previous": _ci(s["change"]) if s.get("change") else "",
-                         "on decisive pairs": _ci(s["change_decisive"]) if s.get("change_decisive") else ""})
-    for kind, s in (report.get("staleness_pooled") or {}).items():
-        if len(s.get("rounds") or []) < 2:
-            continue
-        rows.append({"round": "all", "reward model": kind, "test pairs": str(s.get("pairs")),
-                     "previous RM, held-out": "",
-                     "previous RM, new pairs": f"{_v(s.get('before'))} [{_v(s.get('before_decisive'))}]",
-                     "retrained RM, new pairs": f"{_v(s.get('after'))} [{_v(s.get('after_decisive'))}]",
-                     "decisive pairs": str(s.get("decisive_pairs")),
-                     "retrained - previous": _ci(s["change"]) if s.get("change") else "",
-                     "on decisive pairs": _ci(s["change_decisive"]) if s.get("change_decisive") else ""})
+    better) in brackets; then, with two rounds or more, a row "all" per model over every round's pairs."""
+    rows = [_staleness_row(str(r["round"]), kind, s) for r in report["rounds"]
+            for kind, s in (r.get("staleness") or {}).items()]
+    rows += [_staleness_row("all", kind, s) for kind, s in (report.get("staleness_pooled") or {}).items()
+             if len(s.get("rounds") or []) >= 2]
     return rows
 
 
